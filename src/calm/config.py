@@ -1,0 +1,134 @@
+"""Composition configuration: which layers connect, and how the new layers behave."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from transformers import PretrainedConfig
+
+INITS = ("identity", "paper")
+AUGMENT_MODES = ("iterative", "prompt")
+
+
+def evenly_spaced(num_layers: int, count: int) -> list[int]:
+    """`count` block indices spread evenly over `num_layers` blocks, the last block always included."""
+    return [(i + 1) * num_layers // count - 1 for i in range(count)]
+
+
+def resolve_connections(
+    augment_layers: int,
+    anchor_layers: int,
+    connections: Sequence[Sequence[int]] | None = None,
+    num_connections: int | None = None,
+    every: int | None = None,
+) -> list[tuple[int, int]]:
+    """Turn one of the three ways of naming connections into validated `(augment_block, anchor_block)` pairs.
+
+    Block indices are 0-based: `(3, 7)` feeds the output of augment block 3 into the anchor's residual stream
+    right after anchor block 7. `every=k` taps augment blocks k-1, 2k-1, ... (the paper's "every 4th layer").
+    """
+    given = [name for name, v in (("connections", connections), ("num_connections", num_connections),
+                                  ("every", every)) if v is not None]
+    if len(given) > 1:
+        raise ValueError(f"give only one of connections, num_connections or every (got {', '.join(given)})")
+    if connections is None and num_connections is None and every is None:
+        # The paper's default: tap every 4th augment layer (fewer taps when a model is too shallow for that).
+        if augment_layers >= 4 and augment_layers // 4 <= anchor_layers:
+            every = 4
+        else:
+            num_connections = min(augment_layers, anchor_layers)
+    if every is not None:
+        _check_count("every", every, augment_layers, "the augment's layer count")
+        num_connections = augment_layers // every
+        if num_connections > anchor_layers:
+            raise ValueError(
+                f"every={every} taps {num_connections} augment layers but the anchor has only {anchor_layers}"
+            )
+        return list(zip([every * (i + 1) - 1 for i in range(num_connections)],
+                        evenly_spaced(anchor_layers, num_connections)))
+    if connections is None:
+        _check_count("num_connections", num_connections, min(augment_layers, anchor_layers),
+                     "the smaller of the two models' layer counts")
+        return list(zip(evenly_spaced(augment_layers, num_connections),
+                        evenly_spaced(anchor_layers, num_connections)))
+    return validate_connections(connections, augment_layers, anchor_layers)
+
+
+def _check_count(name: str, value: Any, upper: int, what: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= upper:
+        raise ValueError(f"{name}={value!r} is invalid: expected an integer in [1, {upper}] ({what})")
+
+
+def validate_connections(
+    connections: Sequence[Sequence[int]], augment_layers: int, anchor_layers: int
+) -> list[tuple[int, int]]:
+    """Check explicit `(augment_block, anchor_block)` pairs; raise `ValueError` naming the bad value."""
+    if isinstance(connections, (str, bytes)) or len(connections) == 0:
+        raise ValueError(f"connections={connections!r} is invalid: expected a non-empty list of (augment, anchor) pairs")
+    pairs = []
+    for i, pair in enumerate(connections):
+        if isinstance(pair, (str, bytes)) or len(pair) != 2:
+            raise ValueError(
+                f"connections[{i}]={pair!r} is invalid: expected a pair (augment_layer, anchor_layer); "
+                "both sides need the same number of layers"
+            )
+        a, b = pair
+        for side, value, n in (("augment", a, augment_layers), ("anchor", b, anchor_layers)):
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < n:
+                raise ValueError(
+                    f"connections[{i}] {side} layer {value!r} is out of range: expected an integer in [0, {n - 1}]"
+                )
+        pairs.append((a, b))
+    for i in range(1, len(pairs)):
+        if pairs[i][1] <= pairs[i - 1][1]:
+            raise ValueError(
+                f"connections[{i}] anchor layer {pairs[i][1]} must be greater than the previous one "
+                f"({pairs[i - 1][1]}): anchor layers must be strictly increasing"
+            )
+    return pairs
+
+
+class CALMConfig(PretrainedConfig):
+    """Everything needed to rebuild a composition on top of its base models.
+
+    `connections[k]` lists the `(augment_block, anchor_block)` pairs of augmenting model k. `anchor` and
+    `augments` record each base model's name or path, layer count, width and vocabulary size so a saved
+    composition can find its bases again and refuse the wrong ones.
+    """
+
+    model_type = "calm"
+
+    def __init__(
+        self,
+        connections: list[list[list[int]]] | None = None,
+        num_heads: int = 4,
+        qk_norm: bool = True,
+        init: str = "identity",
+        augment_mode: str = "iterative",
+        anchor: dict | None = None,
+        augments: list[dict] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        self.connections = [[list(p) for p in conns] for conns in (connections or [])]
+        self.num_heads = num_heads
+        self.qk_norm = qk_norm
+        self.init = init
+        self.augment_mode = augment_mode
+        self.anchor = dict(anchor or {})
+        self.augments = [dict(a) for a in (augments or [])]
+        kwargs.setdefault("vocab_size", self.anchor.get("vocab_size"))
+        kwargs.setdefault("is_encoder_decoder", False)
+        super().__init__(**kwargs)
+        self.validate_options()
+
+    def validate_options(self) -> None:
+        """Raise `ValueError` for an option outside its allowed values."""
+        if self.init not in INITS:
+            raise ValueError(f"init={self.init!r} is invalid: expected one of {INITS}")
+        if self.augment_mode not in AUGMENT_MODES:
+            raise ValueError(f"augment_mode={self.augment_mode!r} is invalid: expected one of {AUGMENT_MODES}")
+        if not isinstance(self.qk_norm, bool):
+            raise ValueError(f"qk_norm={self.qk_norm!r} is invalid: expected True or False")
+        if isinstance(self.num_heads, bool) or not isinstance(self.num_heads, int) or self.num_heads < 1:
+            raise ValueError(f"num_heads={self.num_heads!r} is invalid: expected a positive integer")

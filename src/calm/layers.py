@@ -1,0 +1,63 @@
+"""The trainable composition layer: f_proj (augment width -> anchor width) followed by f_cross."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class CrossAttention(nn.Module):
+    """One connection: anchor hidden states attend to projected augment hidden states.
+
+    Keys/values are computed once per augment position (`keys_values`) so that generation can cache them;
+    `forward` returns the residual update for the anchor, which the caller adds to the anchor stream.
+    """
+
+    def __init__(self, augment_width: int, anchor_width: int, num_heads: int, qk_norm: bool = True,
+                 init: str = "identity") -> None:
+        super().__init__()
+        if anchor_width % num_heads:
+            raise ValueError(
+                f"num_heads={num_heads} must divide the anchor's hidden width {anchor_width}"
+            )
+        self.num_heads = num_heads
+        self.head_dim = anchor_width // num_heads
+        self.proj = nn.Linear(augment_width, anchor_width)  # f_proj
+        self.q = nn.Linear(anchor_width, anchor_width, bias=False)
+        self.k = nn.Linear(anchor_width, anchor_width, bias=False)
+        self.v = nn.Linear(anchor_width, anchor_width, bias=False)
+        self.o = nn.Linear(anchor_width, anchor_width, bias=False)
+        # The residual streams of pretrained models have very different scales; normalising both sides keeps
+        # the attention logits sane from the first step (the paper leaves normalisation unspecified).
+        self.query_norm = nn.RMSNorm(anchor_width) if qk_norm else nn.Identity()
+        self.key_norm = nn.RMSNorm(anchor_width) if qk_norm else nn.Identity()
+        if init == "identity":
+            # Zero output projection: the composed model starts as exactly the anchor.
+            nn.init.zeros_(self.o.weight)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        batch, length, _ = x.shape
+        return x.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
+
+    def keys_values(self, augment_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Project augment hidden states (B, S, D_A) to per-head keys and values (B, H, S, head_dim)."""
+        x = self.key_norm(self.proj(augment_states.to(self.proj.weight.dtype)))
+        return self._heads(self.k(x)), self._heads(self.v(x))
+
+    def forward(self, anchor_states: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                mask: torch.Tensor | None) -> torch.Tensor:
+        """Residual update for anchor states (B, T, D_B); `mask` (B, 1, T, S) is True where attention is
+        allowed, or None for a plain causal mask over equal-length sequences."""
+        dtype = self.q.weight.dtype
+        query = self._heads(self.q(self.query_norm(anchor_states.to(dtype))))
+        if mask is None:
+            out = F.scaled_dot_product_attention(query, keys, values, is_causal=True)
+        else:
+            # A query with no visible key (left padding) would give NaN; let it see everything, then zero it.
+            has_key = mask.any(dim=-1, keepdim=True)
+            out = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask | ~has_key)
+            out = out * has_key
+        batch, _, length, _ = out.shape
+        out = out.transpose(1, 2).reshape(batch, length, -1)
+        return self.o(out).to(anchor_states.dtype)

@@ -1,0 +1,265 @@
+"""Key-value arithmetic (CALM paper §4.1), scaled down to fit a laptop CPU.
+
+D_KV maps random lowercase strings ("keys") to unique integers ("values"). One arithmetic expression over
+keys gives three tasks, told apart by the prompt's last character:
+
+    KV-Substitution      "abc+de-f:"  -> "10+22-24"   (what m_A is trained on: it memorises D_KV)
+    Numeric-Arithmetic   "10+22-24="  -> "8"          (what m_B is trained on: it never sees a key)
+    KV-Arithmetic        "abc+de-f="  -> "8"          (what neither can do alone; the composition's target)
+
+KV-Substitution and KV-Arithmetic share the same inputs, so they need different terminators (':' and '=').
+Completions are plain strings here; the tokenizer appends the EOS token when a model is trained on them.
+Because every model is causal, m_A's states on the keys are the same whether the prompt later ends in ':'
+or '=': the composition reads m_A's knowledge at exactly the positions m_A was trained on.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import string
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+from transformers import PreTrainedTokenizerFast
+
+Example = dict[str, str]  # {"prompt": ..., "completion": ...}
+
+TASKS = ("kv_substitution", "numeric_arithmetic", "kv_arithmetic")
+PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
+
+
+@dataclass
+class KVConfig:
+    """Every choice of the key-value arithmetic data; the paper's value is noted where it gives one."""
+
+    seed: int = 0
+    num_keys: int = 200  # paper: 25_000
+    key_len_min: int = 2  # paper: 2
+    key_len_max: int = 6  # paper: 6
+    value_min: int = 1  # paper: 1
+    value_max: int = 200  # paper: 25_000; values are unique, so value_max - value_min + 1 >= num_keys
+    operands_min: int = 2  # paper: 3
+    operands_max: int = 3  # paper: 6
+    operators: str = "+-"  # paper: "+-*" (× is written '*'); '*' binds tighter, as usual
+    seen_fraction: float = 0.2  # paper: 0.2 -- D_C only uses keys from this fraction of D_KV
+    substitution_marker: str = ":"  # not in the paper (its tasks are separate prompts)
+    arithmetic_marker: str = "="  # not in the paper
+    num_composition_examples: int = 4000  # size of D_C in expressions; paper: not stated
+    composition_tasks: tuple[str, ...] = ("kv_arithmetic", "kv_substitution")  # tasks each D_C expression gives
+    num_eval: int = 500  # examples per held-out evaluation set; paper: not stated
+
+    def __post_init__(self) -> None:
+        if self.value_max - self.value_min + 1 < self.num_keys:
+            raise ValueError(f"{self.num_keys} unique values do not fit in [{self.value_min}, {self.value_max}]")
+        if not 1 <= self.key_len_min <= self.key_len_max:
+            raise ValueError(f"bad key lengths [{self.key_len_min}, {self.key_len_max}]")
+        if not 1 <= self.operands_min <= self.operands_max:
+            raise ValueError(f"bad operand counts [{self.operands_min}, {self.operands_max}]")
+        if not self.operators or set(self.operators) - set("+-*"):
+            raise ValueError(f"operators must be a non-empty subset of '+-*', got {self.operators!r}")
+        if unknown := set(self.composition_tasks) - set(TASKS):
+            raise ValueError(f"unknown composition tasks {sorted(unknown)}; known: {TASKS}")
+        self.composition_tasks = tuple(self.composition_tasks)  # JSON round trips give lists
+
+    @classmethod
+    def quick(cls) -> KVConfig:
+        """A tiny setting for smoke tests: every code path, no accuracy to speak of."""
+        return cls(num_keys=40, value_max=60, num_composition_examples=200, num_eval=64)
+
+
+@dataclass(frozen=True)
+class Expression:
+    """An expression over keys: `keys[0] ops[0] keys[1] ops[1] ...`."""
+
+    keys: tuple[str, ...]
+    ops: tuple[str, ...]
+
+    def render(self, operands: Iterable[str]) -> str:
+        operands = list(operands)
+        return operands[0] + "".join(op + x for op, x in zip(self.ops, operands[1:]))
+
+
+def evaluate_numeric(values: list[int], ops: tuple[str, ...]) -> int:
+    """Usual precedence: '*' first, then '+' and '-' left to right."""
+    terms, signs = [values[0]], [1]
+    for op, v in zip(ops, values[1:]):
+        if op == "*":
+            terms[-1] *= v
+        else:
+            terms.append(v)
+            signs.append(1 if op == "+" else -1)
+    return sum(s * t for s, t in zip(signs, terms))
+
+
+@dataclass
+class KVData:
+    """D_KV plus the seen/unseen split of its keys."""
+
+    table: dict[str, int]  # D_KV: key -> value
+    seen_keys: list[str]  # the keys D_C may use (paper: 20%)
+    unseen_keys: list[str]  # the rest; only ever appear in evaluation of the composed model
+    markers: dict[str, str] = field(default_factory=lambda: {"substitution": ":", "arithmetic": "="})
+
+    def kv_substitution(self, e: Expression) -> Example:
+        return {"prompt": e.render(e.keys) + self.markers["substitution"],
+                "completion": e.render(str(self.table[k]) for k in e.keys)}
+
+    def numeric_arithmetic(self, e: Expression) -> Example:
+        return {"prompt": e.render(str(self.table[k]) for k in e.keys) + self.markers["arithmetic"],
+                "completion": str(self.result(e))}
+
+    def kv_arithmetic(self, e: Expression) -> Example:
+        return {"prompt": e.render(e.keys) + self.markers["arithmetic"], "completion": str(self.result(e))}
+
+    def result(self, e: Expression) -> int:
+        return evaluate_numeric([self.table[k] for k in e.keys], e.ops)
+
+    def example(self, task: str, e: Expression) -> Example:
+        if task not in TASKS:
+            raise ValueError(f"unknown task {task!r}; known: {TASKS}")
+        return getattr(self, task)(e)
+
+    @property
+    def all_keys(self) -> list[str]:
+        return self.seen_keys + self.unseen_keys
+
+
+def random_keys(rng: random.Random, count: int, len_min: int, len_max: int, avoid: set[str] = frozenset()) -> list[str]:
+    """`count` distinct random lowercase keys of length in [len_min, len_max], none of them in `avoid`."""
+    capacity = sum(26**n for n in range(len_min, len_max + 1)) - len(avoid)
+    if count > capacity:
+        raise ValueError(f"cannot draw {count} distinct keys of length {len_min}-{len_max}")
+    keys: dict[str, None] = {}  # insertion-ordered set, so the result is reproducible
+    while len(keys) < count:
+        key = "".join(rng.choices(string.ascii_lowercase, k=rng.randint(len_min, len_max)))
+        if key not in avoid:
+            keys[key] = None
+    return list(keys)
+
+
+def make_kv_data(cfg: KVConfig, seed: int | None = None, avoid_keys: set[str] = frozenset()) -> KVData:
+    """Draw D_KV (keys, unique values) and split its keys into seen and unseen."""
+    rng = random.Random(cfg.seed if seed is None else seed)
+    keys = random_keys(rng, cfg.num_keys, cfg.key_len_min, cfg.key_len_max, avoid=set(avoid_keys))
+    values = rng.sample(range(cfg.value_min, cfg.value_max + 1), cfg.num_keys)
+    num_seen = max(1, round(cfg.seen_fraction * cfg.num_keys))
+    return KVData(table=dict(zip(keys, values)), seen_keys=keys[:num_seen], unseen_keys=keys[num_seen:],
+                  markers={"substitution": cfg.substitution_marker, "arithmetic": cfg.arithmetic_marker})
+
+
+def random_expression(rng: random.Random, keys: list[str], cfg: KVConfig) -> Expression:
+    n = rng.randint(cfg.operands_min, cfg.operands_max)
+    return Expression(keys=tuple(rng.choices(keys, k=n)), ops=tuple(rng.choices(cfg.operators, k=n - 1)))
+
+
+def distinct_expressions(
+    rng: random.Random, keys: list[str], cfg: KVConfig, count: int, exclude: set[Expression] = frozenset()
+) -> list[Expression]:
+    """`count` distinct expressions over `keys`, none in `exclude` (raises if the space is too small)."""
+    space = sum((len(keys) ** n) * (len(cfg.operators) ** (n - 1))
+                for n in range(cfg.operands_min, cfg.operands_max + 1))
+    if count > space - len(exclude):
+        raise ValueError(f"asked for {count} distinct expressions but only {space} exist over {len(keys)} keys")
+    chosen: dict[Expression, None] = {}
+    while len(chosen) < count:
+        e = random_expression(rng, keys, cfg)
+        if e not in exclude:
+            chosen[e] = None
+    return list(chosen)
+
+
+def numeric_table(cfg: KVConfig) -> KVData:
+    """A 'table' mapping each value's decimal string to itself, so Numeric-Arithmetic over *any* operand in
+    [value_min, value_max] uses the same machinery (m_B must learn arithmetic, not D_KV's values)."""
+    numbers = [str(v) for v in range(cfg.value_min, cfg.value_max + 1)]
+    return KVData(table={s: int(s) for s in numbers}, seen_keys=numbers, unseen_keys=[],
+                  markers={"substitution": cfg.substitution_marker, "arithmetic": cfg.arithmetic_marker})
+
+
+@dataclass
+class KVSplits:
+    """D_C for composition training and the held-out evaluation sets (lists of prompt/completion dicts)."""
+
+    composition_train: list[Example]  # D_C: only seen keys
+    eval_sets: dict[str, list[Example]]  # name -> examples; see `make_splits`
+
+
+def make_splits(cfg: KVConfig, data: KVData) -> KVSplits:
+    """Build D_C and the four evaluation sets, with no expression shared between D_C and evaluation.
+
+    - kv_substitution: expressions over all keys (m_A's own task, but combinations it was not trained on)
+    - numeric_arithmetic: expressions over any operands in [value_min, value_max] (m_B's own task)
+    - kv_arithmetic_seen: keys all from the seen 20%, expression not in D_C
+    - kv_arithmetic_unseen: keys all from the other 80% (the paper's headline generalisation test)
+    """
+    rng = random.Random(cfg.seed + 1)
+    d_c = distinct_expressions(rng, data.seen_keys, cfg, cfg.num_composition_examples)
+    composition_train = [data.example(task, e) for e in d_c for task in cfg.composition_tasks]
+    rng.shuffle(composition_train)
+    numbers = numeric_table(cfg)
+    eval_sets = {
+        "kv_substitution": [data.kv_substitution(e) for e in
+                            distinct_expressions(rng, data.all_keys, cfg, cfg.num_eval, exclude=set(d_c))],
+        "numeric_arithmetic": [numbers.numeric_arithmetic(e) for e in
+                               distinct_expressions(rng, numbers.seen_keys, cfg, cfg.num_eval)],
+        "kv_arithmetic_seen": [data.kv_arithmetic(e) for e in
+                               distinct_expressions(rng, data.seen_keys, cfg, cfg.num_eval, exclude=set(d_c))],
+        "kv_arithmetic_unseen": [data.kv_arithmetic(e) for e in
+                                 distinct_expressions(rng, data.unseen_keys, cfg, cfg.num_eval)],
+    }
+    return KVSplits(composition_train=composition_train, eval_sets=eval_sets)
+
+
+def example_stream(
+    cfg: KVConfig, data: KVData, task: str, seed: int, held_out: Iterable[Example] = ()
+) -> Iterator[Example]:
+    """Endless fresh training examples of one task over all of `data`'s keys, skipping held-out prompts.
+
+    Sampling fresh expressions (instead of a fixed training set) means the base models learn the rule --
+    the values of the keys for m_A, arithmetic for m_B -- rather than a list of expressions.
+    """
+    rng = random.Random(seed)
+    held_out_prompts = {ex["prompt"] for ex in held_out}
+    while True:
+        ex = data.example(task, random_expression(rng, data.all_keys, cfg))
+        if ex["prompt"] not in held_out_prompts:
+            yield ex
+
+
+def write_jsonl(examples: Iterable[Example], path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as f:
+        for ex in examples:
+            f.write(json.dumps(ex) + "\n")
+    return path
+
+
+def read_jsonl(path: str | Path) -> list[Example]:
+    with Path(path).open() as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def build_tokenizer(cfg: KVConfig) -> PreTrainedTokenizerFast:
+    """One character-level tokenizer shared by m_A, m_B and the composition.
+
+    Vocabulary: pad/bos/eos/unk, the 26 letters, 10 digits, the operators and both task markers. Encoding
+    prepends BOS; decoding joins characters with nothing in between.
+    """
+    specials = [PAD, BOS, EOS, UNK]
+    chars = sorted(set(string.ascii_lowercase + string.digits + "+-*" + cfg.substitution_marker
+                       + cfg.arithmetic_marker))
+    vocab = {tok: i for i, tok in enumerate(specials + chars)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, vocab[BOS])]
+    )
+    tok.decoder = decoders.Fuse()
+    tok.add_special_tokens(specials)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD, unk_token=UNK, padding_side="left"
+    )
