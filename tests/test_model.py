@@ -195,3 +195,17 @@ def test_print_trainable_parameters(pair, capsys):
     # The paper's count: n·(D_A·D_B + 4·D_B²) plus the f_proj bias and the two RMSNorm scales.
     assert trainable == 2 * (16 * 32 + 32 + 4 * 32 * 32 + 2 * 32)
     assert f"trainable params: {trainable:,d}" in capsys.readouterr().out
+
+
+def test_precomputed_augment_states_give_the_same_loss(pair):
+    model = calm.compose(*pair, num_connections=2)
+    randomize(model)
+    x = ids()
+    mask = torch.ones_like(x)
+    mask[0, :3] = 0
+    states = model.compute_augment_states(x, mask)
+    assert sorted(states[0]) == [2, 5]
+    with torch.no_grad():
+        direct = model(input_ids=x, attention_mask=mask, labels=x).loss
+        cached = model(input_ids=x, attention_mask=mask, labels=x, augment_states=states).loss
+    assert torch.equal(direct, cached)

@@ -97,13 +97,15 @@ class CALMForCausalLM(PreTrainedModel, GenerationMixin):
         logits_to_keep: int | torch.Tensor = 0,
         augment_mode: str | None = None,
         augment_length: int | torch.Tensor | None = None,
+        augment_states: list[dict[int, torch.Tensor]] | None = None,
         **kwargs: Any,
     ) -> CausalLMOutputWithPast:
         """Composed causal-LM forward pass.
 
         `augment_mode="prompt"` makes the augments read only the prompt: its first `augment_length` positions
         (an int, or a LongTensor of per-example lengths counted in columns), the whole input when not given.
-        With a `cache`, only the new tokens are passed, as in any transformers model.
+        With a `cache`, only the new tokens are passed, as in any transformers model. `augment_states`
+        (from `compute_augment_states` on the same input) skips the augments' forward passes.
         """
         if "past_key_values" in kwargs:  # deprecated alias of `cache` in transformers 5
             cache = cache if cache is not None else kwargs.pop("past_key_values")
@@ -122,7 +124,7 @@ class CALMForCausalLM(PreTrainedModel, GenerationMixin):
             position_ids = self._position_ids(attention_mask, past, length, input_ids.device)
 
         keys_values = self._augment_keys_values(
-            input_ids, attention_mask, position_ids, cache, past, mode, augment_length
+            input_ids, attention_mask, position_ids, cache, past, mode, augment_length, augment_states
         )
         num_keys = keys_values[0][0][0].shape[-2]
         mask = self._cross_mask(attention_mask, past, length, num_keys, augment_length, input_ids.device)
@@ -150,7 +152,8 @@ class CALMForCausalLM(PreTrainedModel, GenerationMixin):
         positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         return positions[:, -length:]
 
-    def _augment_keys_values(self, input_ids, attention_mask, position_ids, cache, past, mode, augment_length):
+    def _augment_keys_values(self, input_ids, attention_mask, position_ids, cache, past, mode, augment_length,
+                             augment_states):
         """Per augment, per connection: (keys, values) over every augment position the anchor may attend to."""
         if mode == "prompt" and past > 0:  # decoding: the prompt's keys/values are all there is
             return [[(layer.keys, layer.values) for layer in conns] for conns in cache.projected]
@@ -160,7 +163,10 @@ class CALMForCausalLM(PreTrainedModel, GenerationMixin):
         result = []
         for k, (augment, conns) in enumerate(zip(self.augments, self.config.connections)):
             augment_cache = cache.augments[k] if cache is not None and mode == "iterative" else None
-            states = self._run_augment(k, input_ids, attention_mask, position_ids, augment_cache)
+            if augment_states is not None:
+                states = augment_states[k]
+            else:
+                states = self._run_augment(k, input_ids, attention_mask, position_ids, augment_cache)
             pairs = []
             for j, (a, _) in enumerate(conns):
                 keys, values = self.composition[k][j].keys_values(states[a])
@@ -169,6 +175,12 @@ class CALMForCausalLM(PreTrainedModel, GenerationMixin):
                 pairs.append((keys, values))
             result.append(pairs)
         return result
+
+    def compute_augment_states(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None
+                               ) -> list[dict[int, torch.Tensor]]:
+        """Tapped hidden states of every augment (frozen, so they can be computed once and reused)."""
+        position_ids = self._position_ids(attention_mask, 0, input_ids.shape[1], input_ids.device)
+        return [self._run_augment(k, input_ids, attention_mask, position_ids, None) for k in range(len(self.augments))]
 
     @torch.no_grad()
     def _run_augment(self, k: int, input_ids, attention_mask, position_ids, cache) -> dict[int, torch.Tensor]:
