@@ -65,7 +65,9 @@ def validate_connections(
 ) -> list[tuple[int, int]]:
     """Check explicit `(augment_block, anchor_block)` pairs; raise `ValueError` naming the bad value."""
     if isinstance(connections, (str, bytes)) or len(connections) == 0:
-        raise ValueError(f"connections={connections!r} is invalid: expected a non-empty list of (augment, anchor) pairs")
+        raise ValueError(
+            f"connections={connections!r} is invalid: expected a non-empty list of (augment, anchor) pairs"
+        )
     pairs = []
     for i, pair in enumerate(connections):
         if isinstance(pair, (str, bytes)) or len(pair) != 2:

@@ -127,7 +127,8 @@ class CALMForCausalLM(PreTrainedModel, GenerationMixin):
             input_ids, attention_mask, position_ids, cache, past, mode, augment_length, augment_states
         )
         num_keys = keys_values[0][0][0].shape[-2]
-        mask = self._cross_mask(attention_mask, past, length, num_keys, augment_length, input_ids.device)
+        prompt_length = augment_length if mode == "prompt" else None
+        mask = self._cross_mask(attention_mask, past, length, num_keys, prompt_length, input_ids.device)
         with self._inject(keys_values, mask):
             out = self.anchor(
                 input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
@@ -161,7 +162,7 @@ class CALMForCausalLM(PreTrainedModel, GenerationMixin):
             input_ids, position_ids = input_ids[:, :augment_length], position_ids[:, :augment_length]
             attention_mask = None if attention_mask is None else attention_mask[:, :augment_length]
         result = []
-        for k, (augment, conns) in enumerate(zip(self.augments, self.config.connections)):
+        for k, conns in enumerate(self.config.connections):
             augment_cache = cache.augments[k] if cache is not None and mode == "iterative" else None
             if augment_states is not None:
                 states = augment_states[k]
@@ -289,7 +290,8 @@ class CALMForCausalLM(PreTrainedModel, GenerationMixin):
 
     def print_trainable_parameters(self) -> None:
         trainable, total = self.trainable_parameters()
-        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+        share = 100 * trainable / total
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {share:.4f}")
 
     def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
         """Write `calm_config.json` and `calm.safetensors` (composition weights only, never the bases)."""

@@ -1,0 +1,126 @@
+"""save_pretrained / from_pretrained: round trip, and a clear error for every bad file or base model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import randomize, tiny
+
+import calm
+from calm.io import CONFIG_NAME, WEIGHTS_NAME
+
+
+@pytest.fixture
+def saved(tmp_path, pair):
+    anchor, augment = pair
+    model = calm.compose(anchor, augment, num_connections=2, num_heads=2)
+    randomize(model)
+    model.save_pretrained(tmp_path)
+    return model, tmp_path
+
+
+def test_writes_only_config_and_composition_weights(saved):
+    model, path = saved
+    assert sorted(p.name for p in path.iterdir()) == sorted([CONFIG_NAME, WEIGHTS_NAME])
+    from safetensors.torch import load_file
+
+    assert set(load_file(path / WEIGHTS_NAME)) == set(model.composition.state_dict())
+    config = json.loads((path / CONFIG_NAME).read_text())
+    assert config["connections"] == [[[2, 1], [5, 3]]] and config["num_heads"] == 2
+    assert config["anchor"]["width"] == 32 and config["augments"][0]["num_layers"] == 6
+
+
+def test_round_trip_gives_bit_identical_logits(saved):
+    model, path = saved
+    loaded = calm.CALMForCausalLM.from_pretrained(path, anchor=model.anchor, augments=[model.augments[0]])
+    x = torch.randint(3, 90, (2, 8))
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=x).logits, loaded(input_ids=x).logits)
+
+
+def test_loads_bases_from_recorded_paths(tmp_path, pair):
+    anchor, augment = pair
+    anchor.save_pretrained(tmp_path / "anchor")
+    augment.save_pretrained(tmp_path / "augment")
+    anchor = type(anchor).from_pretrained(tmp_path / "anchor")
+    augment = type(augment).from_pretrained(tmp_path / "augment")
+    model = calm.compose(anchor, augment, num_connections=2)
+    randomize(model)
+    model.save_pretrained(tmp_path / "calm")
+    loaded = calm.CALMForCausalLM.from_pretrained(tmp_path / "calm")
+    x = torch.randint(3, 90, (1, 6))
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=x).logits, loaded(input_ids=x).logits)
+
+
+@pytest.mark.parametrize("field,make,message", [
+    ("num_layers", lambda: tiny("llama", 32, 5, 4), "num_layers is 5"),
+    ("width", lambda: tiny("llama", 48, 4, 4), "width is 48"),
+])
+def test_wrong_anchor_is_refused(saved, field, make, message):
+    model, path = saved
+    with pytest.raises(ValueError, match=message):
+        calm.CALMForCausalLM.from_pretrained(path, anchor=make(), augments=[model.augments[0]])
+
+
+def test_wrong_augment_vocab_is_refused(saved):
+    model, path = saved
+    import transformers as tf
+
+    other = tf.Qwen2ForCausalLM(tf.Qwen2Config(vocab_size=50, hidden_size=16, num_hidden_layers=6,
+                                               num_attention_heads=2, num_key_value_heads=1, intermediate_size=32))
+    with pytest.raises(ValueError, match=r"augments\[0\].*vocab_size is 50"):
+        calm.CALMForCausalLM.from_pretrained(path, anchor=model.anchor, augments=[other])
+
+
+def test_missing_weights_file(saved):
+    model, path = saved
+    (path / WEIGHTS_NAME).unlink()
+    with pytest.raises(FileNotFoundError, match="calm.safetensors"):
+        calm.CALMForCausalLM.from_pretrained(path, anchor=model.anchor, augments=[model.augments[0]])
+
+
+def test_truncated_weights_file(saved):
+    model, path = saved
+    data = (path / WEIGHTS_NAME).read_bytes()
+    (path / WEIGHTS_NAME).write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="corrupted or truncated"):
+        calm.CALMForCausalLM.from_pretrained(path, anchor=model.anchor, augments=[model.augments[0]])
+
+
+def test_weights_that_do_not_fit_the_config(saved):
+    model, path = saved
+    config = json.loads((path / CONFIG_NAME).read_text())
+    config["connections"] = [[[2, 1]]]
+    (path / CONFIG_NAME).write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="does not fit"):
+        calm.CALMForCausalLM.from_pretrained(path, anchor=model.anchor, augments=[model.augments[0]])
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda c: c.pop("num_heads"), "'num_heads' is missing"),
+    (lambda c: c.update(num_heads="four"), "'num_heads' must be int"),
+    (lambda c: c["anchor"].update(width="32"), "anchor.width must be int"),
+    (lambda c: c.update(init="zeros"), "init='zeros'"),
+])
+def test_bad_config_fields(saved, edit, message):
+    model, path = saved
+    config = json.loads((path / CONFIG_NAME).read_text())
+    edit(config)
+    (path / CONFIG_NAME).write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=message):
+        calm.CALMForCausalLM.from_pretrained(path, anchor=model.anchor, augments=[model.augments[0]])
+
+
+def test_config_that_is_not_json(saved):
+    model, path = saved
+    (path / CONFIG_NAME).write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        calm.CALMForCausalLM.from_pretrained(path, anchor=model.anchor, augments=[model.augments[0]])
+
+
+def test_not_a_composition_directory(tmp_path, pair):
+    with pytest.raises(FileNotFoundError, match="calm_config.json"):
+        calm.CALMForCausalLM.from_pretrained(tmp_path, anchor=pair[0], augments=[pair[1]])
