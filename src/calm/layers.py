@@ -46,13 +46,13 @@ class CrossAttention(nn.Module):
         return self._heads(self.k(x)), self._heads(self.v(x))
 
     def forward(self, anchor_states: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                mask: torch.Tensor | None) -> torch.Tensor:
-        """Residual update for anchor states (B, T, D_B); `mask` (B, 1, T, S) is True where attention is
-        allowed, or None for a plain causal mask over equal-length sequences."""
+                mask: torch.Tensor | str | None) -> torch.Tensor:
+        """Residual update for anchor states (B, T, D_B). `mask` is a (B, 1, T, S) tensor, True where attention
+        is allowed; "causal" for a plain causal mask over equal lengths; None when every key is visible."""
         dtype = self.q.weight.dtype
         query = self._heads(self.q(self.query_norm(anchor_states.to(dtype))))
-        if mask is None:
-            out = F.scaled_dot_product_attention(query, keys, values, is_causal=True)
+        if mask is None or isinstance(mask, str):
+            out = F.scaled_dot_product_attention(query, keys, values, is_causal=mask == "causal")
         else:
             # A query with no visible key (left padding) would give NaN; let it see everything, then zero it.
             has_key = mask.any(dim=-1, keepdim=True)

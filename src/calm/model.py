@@ -209,13 +209,16 @@ class CALMForCausalLM(PreTrainedModel, GenerationMixin):
         return states
 
     @staticmethod
-    def _cross_mask(attention_mask, past, length, num_keys, augment_length, device) -> torch.Tensor | None:
+    def _cross_mask(attention_mask, past, length, num_keys, augment_length, device) -> torch.Tensor | str | None:
         """(B, 1, T, S) True where anchor query t may see augment position s: s <= t, s not padding, and s in
-        the prompt when `augment_length` is per example. None means plain causal (the fast SDPA path)."""
+        the prompt when `augment_length` is per example. Without padding the fast SDPA paths serve instead:
+        "causal" for a square causal mask, None when every key precedes every query (decoding)."""
         per_example = torch.is_tensor(augment_length)
-        unpadded = attention_mask is None or bool(attention_mask.all())
-        if unpadded and past == 0 and num_keys == length and not per_example:
-            return None
+        if not per_example and (attention_mask is None or bool(attention_mask.all())):
+            if num_keys <= past + 1:
+                return None
+            if past == 0 and num_keys == length:
+                return "causal"
         query_pos = torch.arange(past, past + length, device=device)
         key_pos = torch.arange(num_keys, device=device)
         mask = (key_pos[None, :] <= query_pos[:, None])[None, None]

@@ -1,0 +1,308 @@
+"""The `calm` command: compose, train, eval, generate, reproduce, info.
+
+Every subcommand takes `--config FILE.yaml` (keys are the flag names with underscores); flags given on the
+command line override the file. User errors print one line and exit non-zero; `--debug` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+EXIT_USER_ERROR = 2
+
+
+class UserError(Exception):
+    """A problem with the user's input, reported without a traceback."""
+
+
+# ----------------------------------------------------------------------------- shared options
+
+
+def add_base_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    """Flags that name the base models (HF names or local paths)."""
+    parser.add_argument("--anchor", required=required, help="anchor model m_B: HF name or local path")
+    parser.add_argument("--augment", action="append", default=None, required=required,
+                        help="augmenting model m_A: HF name or local path (repeat for several)")
+    parser.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from the hub")
+    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                        help="dtype to load the base models in (composition layers stay float32)")
+
+
+def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--connections", type=parse_connections, default=None,
+                       help="explicit pairs augment:anchor, comma-separated, e.g. '3:7,7:15' (0-based blocks)")
+    group.add_argument("--num-connections", type=int, default=None, help="n connections spaced evenly")
+    group.add_argument("--every", type=int, default=None, help="tap every k-th augment block (paper: 4)")
+    parser.add_argument("--num-heads", type=int, default=None, help="cross-attention heads (default: anchor's)")
+    parser.add_argument("--init", default="identity", choices=["identity", "paper"])
+    parser.add_argument("--augment-mode", default="iterative", choices=["iterative", "prompt"])
+    parser.add_argument("--no-qk-norm", action="store_true", help="do not RMS-normalise queries and keys")
+
+
+def parse_connections(text: str) -> list[tuple[int, int]]:
+    """'3:7,7:15' -> [(3, 7), (7, 15)]."""
+    pairs = []
+    for item in text.split(","):
+        parts = item.strip().split(":")
+        if len(parts) != 2 or not all(p.strip().lstrip("-").isdigit() for p in parts):
+            raise argparse.ArgumentTypeError(f"bad connection {item!r}: expected augment_layer:anchor_layer, e.g. 3:7")
+        pairs.append((int(parts[0]), int(parts[1])))
+    return pairs
+
+
+def load_base(name: str, args: argparse.Namespace):
+    """Load one base causal LM by HF name or path, with a clear error when it cannot be found."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    dtype = getattr(torch, args.dtype) if getattr(args, "dtype", None) else None
+    try:
+        return AutoModelForCausalLM.from_pretrained(name, trust_remote_code=args.trust_remote_code, dtype=dtype)
+    except OSError as e:
+        raise UserError(f"cannot load model {name!r}: {str(e).splitlines()[0]}") from e
+
+
+def compose_from_args(args: argparse.Namespace):
+    import calm
+
+    anchor = load_base(args.anchor, args)
+    augments = [load_base(name, args) for name in args.augment]
+    connections = args.connections
+    if connections is not None and len(augments) > 1:
+        raise UserError("--connections names one augment's connections; with several --augment use "
+                        "--num-connections or --every")
+    return calm.compose(anchor, augments, connections=connections, num_connections=args.num_connections,
+                        every=args.every, num_heads=args.num_heads, qk_norm=not args.no_qk_norm, init=args.init,
+                        augment_mode=args.augment_mode)
+
+
+def load_composition(args: argparse.Namespace):
+    """A saved composition, on the bases given by flags or those its config records."""
+    import calm
+
+    anchor = load_base(args.anchor, args) if args.anchor else None
+    augments = [load_base(name, args) for name in args.augment] if args.augment else None
+    return calm.CALMForCausalLM.from_pretrained(args.composition, anchor=anchor, augments=augments,
+                                                trust_remote_code=args.trust_remote_code)
+
+
+def load_tokenizer(name: str):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(name)
+    except OSError as e:
+        raise UserError(f"cannot load a tokenizer from {name!r}: {str(e).splitlines()[0]}") from e
+
+
+# ----------------------------------------------------------------------------- subcommands
+
+
+def cmd_info(args: argparse.Namespace) -> None:
+    import platform
+
+    import accelerate
+    import peft
+    import safetensors
+    import tokenizers
+    import torch
+    import transformers
+
+    import calm
+
+    device = "cuda: " + torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    rows = [("calm", calm.__version__), ("python", platform.python_version()), ("torch", torch.__version__),
+            ("transformers", transformers.__version__), ("accelerate", accelerate.__version__),
+            ("peft", peft.__version__), ("safetensors", safetensors.__version__),
+            ("tokenizers", tokenizers.__version__), ("device", device), ("cpu threads", str(torch.get_num_threads()))]
+    for name, value in rows:
+        print(f"{name:<14}{value}")
+
+
+def cmd_compose(args: argparse.Namespace) -> None:
+    model = compose_from_args(args)
+    config = model.config
+    print(f"anchor   {config.anchor['name_or_path']}: {config.anchor['num_layers']} layers x {config.anchor['width']}")
+    for k, (record, conns) in enumerate(zip(config.augments, config.connections)):
+        print(f"augment[{k}] {record['name_or_path']}: {record['num_layers']} layers x {record['width']}")
+        for a, b in conns:
+            print(f"  augment block {a:>3} -> anchor block {b:>3}")
+    print(f"cross-attention heads: {config.num_heads}, init: {config.init}, augment mode: {config.augment_mode}")
+    model.print_trainable_parameters()
+    if args.save:
+        model.save_pretrained(args.save)
+        print(f"saved the (untrained) composition to {args.save}")
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    import threading
+
+    from transformers import TextIteratorStreamer
+
+    model = load_composition(args)
+    tokenizer = load_tokenizer(args.tokenizer or model.config.anchor["name_or_path"])
+    prompts = [args.prompt] if args.prompt is not None else _interactive_prompts()
+    for prompt in prompts:
+        inputs = tokenizer(prompt, return_tensors="pt")
+        streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        kwargs = dict(**inputs, max_new_tokens=args.max_new_tokens, streamer=streamer,
+                      augment_mode=args.augment_mode, do_sample=args.temperature > 0,
+                      pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None
+                      else tokenizer.eos_token_id)
+        if args.temperature > 0:
+            kwargs.update(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+        worker = threading.Thread(target=model.generate, kwargs=kwargs)
+        worker.start()
+        for text in streamer:
+            print(text, end="", flush=True)
+        worker.join()
+        print()
+
+
+def _interactive_prompts():
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            return
+        if line.strip():
+            yield line
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    import json
+
+    from .eval import evaluate_file
+
+    model = load_composition(args)
+    tokenizer = load_tokenizer(args.tokenizer or model.config.anchor["name_or_path"])
+    metrics = evaluate_file(model, tokenizer, args.data, max_new_tokens=args.max_new_tokens,
+                            batch_size=args.batch_size, augment_mode=args.augment_mode)
+    print(json.dumps(metrics, indent=2))
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from .train import run_train
+
+    run_train(args)
+
+
+def cmd_reproduce(args: argparse.Namespace) -> None:
+    from .experiments.kv_arithmetic import run_from_args
+
+    run_from_args(args)
+
+
+# ----------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="calm", description="Compose frozen Hugging Face causal LMs (CALM).")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def command(name: str, handler: Callable, help: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help, description=help)
+        sub.add_argument("--config", type=Path, default=None, help="YAML file of options (flags override it)")
+        sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+        sub.set_defaults(handler=handler)
+        return sub
+
+    command("info", cmd_info, "print versions and the device")
+
+    sub = command("compose", cmd_compose, "compose models and print the connections and parameter counts")
+    add_base_arguments(sub)
+    add_connection_arguments(sub)
+    sub.add_argument("--save", default=None, help="also save the untrained composition here")
+
+    for name, handler, help in [("generate", cmd_generate, "generate text with a trained composition"),
+                                ("eval", cmd_eval, "exact match and loss of a composition on JSONL data")]:
+        sub = command(name, handler, help)
+        sub.add_argument("--composition", required=True, help="directory written by save_pretrained / calm train")
+        add_base_arguments(sub, required=False)
+        sub.add_argument("--tokenizer", default=None, help="tokenizer name/path (default: the anchor's)")
+        sub.add_argument("--augment-mode", default=None, choices=["iterative", "prompt"])
+        sub.add_argument("--max-new-tokens", type=_positive_int, default=64)
+        if name == "generate":
+            sub.add_argument("--prompt", default=None, help="prompt text (default: read prompts interactively)")
+            sub.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
+            sub.add_argument("--top-k", type=int, default=50)
+            sub.add_argument("--top-p", type=float, default=1.0)
+        else:
+            sub.add_argument("--data", required=True, type=Path, help="JSONL of {prompt, completion}")
+            sub.add_argument("--batch-size", type=_positive_int, default=32)
+
+    sub = command("train", cmd_train, "train a composition on JSONL data")
+    from .train import add_train_arguments
+
+    add_train_arguments(sub)
+
+    sub = command("reproduce", cmd_reproduce, "reproduce a result of the paper")
+    from .experiments.kv_arithmetic import add_reproduce_arguments
+
+    add_reproduce_arguments(sub)
+    return parser
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def apply_config_file(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Namespace:
+    """Parse argv; when `--config` is given, its values become defaults that flags still override."""
+    args = parser.parse_args(argv)
+    if getattr(args, "config", None) is None:
+        return args
+    import yaml
+
+    try:
+        values = yaml.safe_load(args.config.read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise UserError(f"cannot read --config {args.config}: {e}") from e
+    if not isinstance(values, dict):
+        raise UserError(f"--config {args.config} must hold a mapping of option: value")
+    known = vars(args)
+    unknown = sorted(k for k in values if k.replace("-", "_") not in known)
+    if unknown:
+        raise UserError(f"--config {args.config}: unknown option(s) {', '.join(unknown)}")
+    subparser = _subparser(parser, args.command)
+    subparser.set_defaults(**{k.replace("-", "_"): v for k, v in values.items()})
+    return parser.parse_args(argv)
+
+
+def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return action.choices[name]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    try:
+        parser = build_parser()
+        args = apply_config_file(parser, argv)
+        args.handler(args)
+    except KeyboardInterrupt:
+        print("calm: interrupted", file=sys.stderr)
+        return 130
+    except (UserError, ValueError, TypeError, FileNotFoundError, NotImplementedError, OSError) as e:
+        if debug:
+            raise
+        message = str(e).splitlines()[0] if str(e) else type(e).__name__
+        print(f"calm: error: {message}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
