@@ -124,3 +124,15 @@ def test_config_that_is_not_json(saved):
 def test_not_a_composition_directory(tmp_path, pair):
     with pytest.raises(FileNotFoundError, match="calm_config.json"):
         calm.CALMForCausalLM.from_pretrained(tmp_path, anchor=pair[0], augments=[pair[1]])
+
+
+def test_save_uses_a_given_full_state_dict(tmp_path, pair):
+    """Under FSDP/DeepSpeed the Trainer passes the gathered weights; those are what gets written."""
+    from safetensors.torch import load_file
+
+    model = calm.compose(*pair, num_connections=2)
+    full = {f"composition.{k}": torch.full_like(v, 0.5) for k, v in model.composition.state_dict().items()}
+    model.save_pretrained(tmp_path, state_dict={**full, "anchor.lm_head.weight": torch.zeros(1)})
+    saved = load_file(tmp_path / WEIGHTS_NAME)
+    assert set(saved) == set(model.composition.state_dict())
+    assert all(torch.equal(v, torch.full_like(v, 0.5)) for v in saved.values())

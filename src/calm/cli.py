@@ -22,61 +22,78 @@ class UserError(Exception):
 
 
 def add_base_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:
-    """Flags that name the base models (HF names or local paths)."""
-    parser.add_argument("--anchor", required=required, help="anchor model m_B: HF name or local path")
-    parser.add_argument("--augment", action="append", default=None, required=required,
-                        help="augmenting model m_A: HF name or local path (repeat for several)")
-    parser.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from the hub")
-    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                        help="dtype to load the base models in (composition layers stay float32)")
+    """Flags that name the base models (HF names or local paths) and how to load them."""
+    group = parser.add_argument_group("base models")
+    group.add_argument("--anchor", required=required, help="anchor model m_B: HF name or local path")
+    group.add_argument("--augment", action="append", default=None, required=required,
+                       help="augmenting model m_A: HF name or local path (repeat the flag for several)")
+    group.add_argument("--tokenizer", default=None, help="tokenizer name or path (default: the anchor's)")
+    group.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                       help="dtype of the frozen base models (auto: bfloat16 on GPUs that have it, else float32); "
+                            "composition layers stay float32")
+    group.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from the hub")
 
 
 def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_mutually_exclusive_group()
-    group.add_argument("--connections", type=parse_connections, default=None,
-                       help="explicit pairs augment:anchor, comma-separated, e.g. '3:7,7:15' (0-based blocks)")
-    group.add_argument("--num-connections", type=int, default=None, help="n connections spaced evenly")
-    group.add_argument("--every", type=int, default=None, help="tap every k-th augment block (paper: 4)")
-    parser.add_argument("--num-heads", type=int, default=None, help="cross-attention heads (default: anchor's)")
-    parser.add_argument("--init", default="identity", choices=["identity", "paper"])
-    parser.add_argument("--augment-mode", default="iterative", choices=["iterative", "prompt"])
-    parser.add_argument("--no-qk-norm", action="store_true", help="do not RMS-normalise queries and keys")
+    """Flags of `calm.compose`."""
+    group = parser.add_argument_group("composition")
+    which = group.add_mutually_exclusive_group()
+    which.add_argument("--connections", type=parse_connections, default=None,
+                       help="augment_block:anchor_block pairs, 0-based, e.g. '3:7,7:15'; ';' separates augments")
+    which.add_argument("--num-connections", type=int, default=None, help="n connections spaced evenly")
+    which.add_argument("--every", type=int, default=None, help="tap every k-th augment block (paper: 4)")
+    group.add_argument("--num-heads", type=int, default=None, help="cross-attention heads (default: the anchor's)")
+    group.add_argument("--qk-norm", action=argparse.BooleanOptionalAction, default=True,
+                       help="RMS-normalise cross-attention queries and keys")
+    group.add_argument("--init", default="identity", choices=["identity", "paper"], help="composition init")
+    group.add_argument("--augment-mode", default="iterative", choices=["iterative", "prompt"],
+                       help="augments read every token (iterative, the paper's default) or only the prompt")
 
 
-def parse_connections(text: str) -> list[tuple[int, int]]:
-    """'3:7,7:15' -> [(3, 7), (7, 15)]."""
-    pairs = []
-    for item in text.split(","):
-        parts = item.strip().split(":")
-        if len(parts) != 2 or not all(p.strip().lstrip("-").isdigit() for p in parts):
-            raise argparse.ArgumentTypeError(f"bad connection {item!r}: expected augment_layer:anchor_layer, e.g. 3:7")
-        pairs.append((int(parts[0]), int(parts[1])))
-    return pairs
+def parse_connections(text: str) -> list:
+    """'3:7,7:15' -> [(3, 7), (7, 15)]; '1:1;3:3' (one group per augment) -> [[(1, 1)], [(3, 3)]]."""
+    groups = []
+    for group in text.split(";"):
+        pairs = []
+        for item in filter(str.strip, group.split(",")):
+            parts = item.split(":")
+            if len(parts) != 2 or not all(p.strip().lstrip("-").isdigit() for p in parts):
+                raise argparse.ArgumentTypeError(
+                    f"bad connection {item.strip()!r}: expected augment_block:anchor_block, e.g. 3:7")
+            pairs.append((int(parts[0]), int(parts[1])))
+        groups.append(pairs)
+    return groups[0] if len(groups) == 1 else groups
+
+
+def base_dtype(name: str | None):
+    """The torch dtype a --dtype name stands for ("auto": bfloat16 on GPUs that support it, else float32)."""
+    import torch
+
+    if name in (None, "auto"):
+        has_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if has_bf16 else torch.float32
+    return getattr(torch, name)
 
 
 def load_base(name: str, args: argparse.Namespace):
     """Load one base causal LM by HF name or path, with a clear error when it cannot be found."""
-    import torch
     from transformers import AutoModelForCausalLM
 
-    dtype = getattr(torch, args.dtype) if getattr(args, "dtype", None) else None
     try:
-        return AutoModelForCausalLM.from_pretrained(name, trust_remote_code=args.trust_remote_code, dtype=dtype)
+        return AutoModelForCausalLM.from_pretrained(name, trust_remote_code=args.trust_remote_code,
+                                                    dtype=base_dtype(args.dtype))
     except OSError as e:
         raise UserError(f"cannot load model {name!r}: {str(e).splitlines()[0]}") from e
 
 
 def compose_from_args(args: argparse.Namespace):
+    """Load the base models the flags name and compose them as the flags say."""
     import calm
 
     anchor = load_base(args.anchor, args)
     augments = [load_base(name, args) for name in args.augment]
-    connections = args.connections
-    if connections is not None and len(augments) > 1:
-        raise UserError("--connections names one augment's connections; with several --augment use "
-                        "--num-connections or --every")
-    return calm.compose(anchor, augments, connections=connections, num_connections=args.num_connections,
-                        every=args.every, num_heads=args.num_heads, qk_norm=not args.no_qk_norm, init=args.init,
+    return calm.compose(anchor, augments, connections=args.connections, num_connections=args.num_connections,
+                        every=args.every, num_heads=args.num_heads, qk_norm=args.qk_norm, init=args.init,
                         augment_mode=args.augment_mode)
 
 
@@ -87,7 +104,8 @@ def load_composition(args: argparse.Namespace):
     anchor = load_base(args.anchor, args) if args.anchor else None
     augments = [load_base(name, args) for name in args.augment] if args.augment else None
     return calm.CALMForCausalLM.from_pretrained(args.composition, anchor=anchor, augments=augments,
-                                                trust_remote_code=args.trust_remote_code)
+                                                trust_remote_code=args.trust_remote_code,
+                                                dtype=base_dtype(args.dtype))
 
 
 def load_tokenizer(name: str):
@@ -224,7 +242,6 @@ def build_parser() -> argparse.ArgumentParser:
         sub = command(name, handler, help)
         sub.add_argument("--composition", required=True, help="directory written by save_pretrained / calm train")
         add_base_arguments(sub, required=False)
-        sub.add_argument("--tokenizer", default=None, help="tokenizer name/path (default: the anchor's)")
         sub.add_argument("--augment-mode", default=None, choices=["iterative", "prompt"])
         sub.add_argument("--max-new-tokens", type=_positive_int, default=64)
         if name == "generate":
@@ -242,9 +259,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_arguments(sub)
 
     sub = command("reproduce", cmd_reproduce, "reproduce a result of the paper")
-    from .experiments.kv_arithmetic import add_reproduce_arguments
-
-    add_reproduce_arguments(sub)
+    sub.add_argument("experiment", choices=["kv-arithmetic"], help="which result (the paper's Table 1)")
+    sub.add_argument("--quick", action="store_true", help="tiny sizes: the whole pipeline in about 2 minutes")
+    sub.add_argument("--ablations", action="store_true", help="also run the vanilla/random m_A and prompt-mode rows")
+    sub.add_argument("--seed", type=int, default=0, help="random seed of the whole run")
+    sub.add_argument("--output-dir", type=Path, default=Path("results/kv_arithmetic"),
+                     help="where results.md, results.json and the plots go")
     return parser
 
 
@@ -259,30 +279,41 @@ def _positive_int(text: str) -> int:
 
 
 def apply_config_file(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Namespace:
-    """Parse argv; when `--config` is given, its values become defaults that flags still override."""
-    args = parser.parse_args(argv)
-    if getattr(args, "config", None) is None:
-        return args
-    import yaml
+    """Parse argv; a subcommand's `--config FILE` supplies defaults (even for required flags) that flags override."""
+    path = _config_path(argv)
+    command = next((a for a in argv if a in _subparsers(parser).choices), None)
+    if path is not None and command is not None:
+        import yaml
 
-    try:
-        values = yaml.safe_load(args.config.read_text()) or {}
-    except (OSError, yaml.YAMLError) as e:
-        raise UserError(f"cannot read --config {args.config}: {e}") from e
-    if not isinstance(values, dict):
-        raise UserError(f"--config {args.config} must hold a mapping of option: value")
-    known = vars(args)
-    unknown = sorted(k for k in values if k.replace("-", "_") not in known)
-    if unknown:
-        raise UserError(f"--config {args.config}: unknown option(s) {', '.join(unknown)}")
-    subparser = _subparser(parser, args.command)
-    subparser.set_defaults(**{k.replace("-", "_"): v for k, v in values.items()})
+        try:
+            values = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise UserError(f"cannot read --config {path}: {e}") from e
+        if not isinstance(values, dict):
+            raise UserError(f"--config {path} must hold a mapping of option: value")
+        values = {k.replace("-", "_"): v for k, v in values.items()}
+        subparser = _subparsers(parser).choices[command]
+        actions = {action.dest: action for action in subparser._actions}
+        unknown = sorted(k for k in values if k not in actions or k in ("config", "help"))
+        if unknown:
+            raise UserError(f"--config {path}: unknown option(s) {', '.join(unknown)}")
+        for name in values:
+            actions[name].required = False
+        subparser.set_defaults(**values)
     return parser.parse_args(argv)
 
 
-def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
-    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    return action.choices[name]
+def _config_path(argv: Sequence[str]) -> str | None:
+    for i, arg in enumerate(argv):
+        if arg == "--config" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--config="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> argparse._SubParsersAction:
+    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

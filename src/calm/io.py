@@ -37,11 +37,13 @@ def _atomic_write(path: Path, write: Any) -> None:
         raise
 
 
-def save_composition(model: CALMForCausalLM, save_directory: str | os.PathLike) -> None:
-    """Write `calm_config.json` and `calm.safetensors` (only the composition layers) to `save_directory`."""
+def save_composition(model: CALMForCausalLM, save_directory: str | os.PathLike, weights: dict | None = None) -> None:
+    """Write `calm_config.json` and `calm.safetensors` (only the composition layers, from `weights` when given)
+    to `save_directory`."""
     directory = Path(save_directory)
     directory.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.composition.state_dict().items()}
+    weights = model.composition.state_dict() if weights is None else weights
+    state = {k: v.detach().contiguous().cpu() for k, v in weights.items()}
     config = {key: getattr(model.config, key) for key in _CONFIG_FIELDS}
     config["format"] = "calm/1"
     _atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))

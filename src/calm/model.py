@@ -296,11 +296,17 @@ class CALMForCausalLM(PreTrainedModel, GenerationMixin):
         share = 100 * trainable / total
         print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {share:.4f}")
 
-    def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
-        """Write `calm_config.json` and `calm.safetensors` (composition weights only, never the bases)."""
+    def save_pretrained(self, save_directory: str, state_dict: dict | None = None, **kwargs: Any) -> None:
+        """Write `calm_config.json` and `calm.safetensors` (composition weights only, never the bases).
+
+        `state_dict` (as the Trainer passes under FSDP/DeepSpeed, where parameters are sharded) supplies the
+        full weights; only its `composition.` entries are written."""
         from .io import save_composition
 
-        save_composition(self, save_directory)
+        prefix = "composition."
+        weights = None if state_dict is None else {
+            k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+        save_composition(self, save_directory, weights)
 
     @classmethod
     def from_pretrained(cls, path: str, anchor: PreTrainedModel | None = None,

@@ -1,0 +1,289 @@
+"""Training data for compositions: prompt/completion pairs or plain text, tokenised with the anchor's
+tokenizer.
+
+Two record formats, one per dataset (JSONL file, `datasets.Dataset` or list of dicts):
+
+    {"prompt": "abc+de=", "completion": "17"}    loss on the completion (and its EOS) only
+    {"text": "any document"}                     loss on every token
+
+Tokenisation follows the usual causal-LM recipe: the prompt is encoded with the tokenizer's special tokens
+(its BOS, when it has one), the completion without, then EOS is appended. Completions are encoded on their
+own, exactly as the prompt is encoded at generation time, so exact-match evaluation sees the training prefix.
+Batches are padded per batch, to the longest example in it (right padding for training).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import warnings
+from array import array
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+PROMPT_COMPLETION = "prompt_completion"
+TEXT = "text"
+LOSS_ON = ("auto", "completion", "all")
+IGNORE_INDEX = -100  # labels the loss skips (transformers' convention)
+
+_KEYS = {PROMPT_COMPLETION: ("prompt", "completion"), TEXT: ("text",)}
+
+
+class DataError(ValueError):
+    """A dataset that cannot be trained on; the message says where (file and line, or row) and why."""
+
+
+class TruncationWarning(UserWarning):
+    """Some examples were longer than `max_length` and were cut (the warning says how many)."""
+
+
+@dataclass
+class ExampleSet:
+    """Validated raw examples, all of one format, and where they came from (for messages)."""
+
+    examples: list[dict[str, str]]
+    format: str  # PROMPT_COMPLETION or TEXT
+    source: str
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+
+DataSource = str | os.PathLike | Sequence[Mapping[str, Any]] | ExampleSet | Any  # Any: a datasets.Dataset
+
+
+# ---------------------------------------------------------------------------------------------- reading
+
+
+def load_examples(source: DataSource | Sequence[str | os.PathLike]) -> ExampleSet:
+    """Read and validate a dataset: a JSONL path, a list of JSONL paths, a `datasets.Dataset`, or a list of
+    dicts. Raises `DataError` (a `ValueError`) naming the file and line (or row) of the first bad record, and
+    for an empty dataset; `FileNotFoundError` for a missing file. Nothing is tokenised here."""
+    if isinstance(source, ExampleSet):
+        return source
+    if isinstance(source, (str, os.PathLike)):
+        return _check_all(_read_jsonl(Path(source)), str(source))
+    if _is_path_list(source):
+        sets = [load_examples(path) for path in source]
+        formats = {s.format for s in sets}
+        if len(formats) > 1:
+            raise DataError(f"{', '.join(s.source for s in sets)}: files mix formats {sorted(formats)}")
+        examples = [example for s in sets for example in s.examples]
+        return ExampleSet(examples, sets[0].format, ", ".join(s.source for s in sets))
+    if isinstance(source, Mapping) or not isinstance(source, Iterable):
+        raise TypeError("training data must be a JSONL path, a datasets.Dataset or a list of dicts, "
+                        f"got {type(source).__name__}")
+    name = "dataset" if hasattr(source, "column_names") else "examples"
+    return _check_all(((f"{name} row {i}", row) for i, row in enumerate(source)), name)
+
+
+def _is_path_list(source: Any) -> bool:
+    return (isinstance(source, (list, tuple)) and len(source) > 0
+            and all(isinstance(p, (str, os.PathLike)) for p in source))
+
+
+def _read_jsonl(path: Path) -> Iterable[tuple[str, Any]]:
+    """Yield (location, parsed record) per non-blank line; strict decoding so that bad UTF-8 is caught."""
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such data file")
+    if not path.is_file():
+        raise DataError(f"{path}: not a file (expected a JSONL file, one JSON object per line)")
+    with path.open("rb") as f:
+        for number, raw in enumerate(f, start=1):
+            where = f"{path}:{number}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{where}: not valid UTF-8 (byte {e.start}: {e.reason})") from None
+            if not line.strip():
+                continue
+            try:
+                yield where, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{where}: malformed JSON: {e.msg} (column {e.colno})") from None
+
+
+def _check_all(records: Iterable[tuple[str, Any]], source: str) -> ExampleSet:
+    examples: list[dict[str, str]] = []
+    first_format, first_where = None, ""
+    for where, record in records:
+        fmt = _record_format(record, where)
+        if first_format is None:
+            first_format, first_where = fmt, where
+        elif fmt != first_format:
+            raise DataError(f"{where}: a {fmt!r} record, but {first_where} is {first_format!r}: "
+                            "a dataset holds one format")
+        examples.append({key: record[key] for key in _KEYS[fmt]})
+    if not examples:
+        raise DataError(f"{source}: no examples (the dataset is empty)")
+    return ExampleSet(examples, first_format, source)
+
+
+def _record_format(record: Any, where: str) -> str:
+    """The record's format after checking its keys and values."""
+    if not isinstance(record, Mapping):
+        raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    has_pair = "prompt" in record or "completion" in record
+    if has_pair and "text" in record:
+        raise DataError(f"{where}: has both 'text' and 'prompt'/'completion': use one format")
+    if not has_pair and "text" not in record:
+        raise DataError(f"{where}: expected keys 'prompt' and 'completion', or 'text'; got {sorted(record)}")
+    fmt = PROMPT_COMPLETION if has_pair else TEXT
+    for key in _KEYS[fmt]:
+        if key not in record:
+            raise DataError(f"{where}: missing key {key!r} (a prompt/completion record needs both)")
+        value = record[key]
+        if not isinstance(value, str):
+            raise DataError(f"{where}: {key!r} must be a string, got {type(value).__name__}")
+        if not value:
+            raise DataError(f"{where}: {key!r} is an empty string")
+    return fmt
+
+
+# ------------------------------------------------------------------------------------------ tokenising
+
+
+@dataclass
+class TokenizedDataset(torch.utils.data.Dataset):
+    """Token ids and labels per example, unpadded; `rows[i]["index"]` is the row's position in this dataset
+    (the augment-state cache keys on it) and `examples` are the raw strings (exact-match needs them)."""
+
+    rows: list[dict[str, Any]]
+    examples: ExampleSet
+    num_truncated: int = 0
+    num_dropped: int = 0
+    stats: dict[str, int] = field(default_factory=dict)
+    _fingerprint: str = field(default="", repr=False)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return self.rows[i]
+
+    @property
+    def format(self) -> str:
+        return self.examples.format
+
+    def fingerprint(self) -> str:
+        """A hash of every row's tokens and labels: tells whether a resumed run sees the same data."""
+        if not self._fingerprint:
+            digest = hashlib.sha256()
+            for row in self.rows:
+                numbers = [len(row["input_ids"]), *row["input_ids"], *row["labels"]]
+                digest.update(array("q", numbers).tobytes())
+            self._fingerprint = digest.hexdigest()[:16]
+        return self._fingerprint
+
+
+def resolve_loss_on(loss_on: str, fmt: str) -> str:
+    """'completion' or 'all' for this data format ('auto': completion-only for prompt/completion data)."""
+    if loss_on not in LOSS_ON:
+        raise ValueError(f"loss_on={loss_on!r} is invalid: expected one of {LOSS_ON}")
+    if loss_on == "auto":
+        return "completion" if fmt == PROMPT_COMPLETION else "all"
+    if loss_on == "completion" and fmt == TEXT:
+        raise DataError("loss_on='completion' needs prompt/completion data, but this dataset is plain 'text'")
+    return loss_on
+
+
+def tokenize(data: DataSource, tokenizer: PreTrainedTokenizerBase, max_length: int, loss_on: str = "auto",
+             append_eos: bool = True) -> TokenizedDataset:
+    """Tokenise (and validate, when not done yet) a dataset. Examples longer than `max_length` are cut at the
+    end, with one `TruncationWarning` giving the count; examples left with no target token are dropped."""
+    examples = load_examples(data)
+    loss_on = resolve_loss_on(loss_on, examples.format)
+    eos = [tokenizer.eos_token_id] if append_eos and tokenizer.eos_token_id is not None else []
+    if examples.format == PROMPT_COMPLETION:
+        prompts = _encode(tokenizer, [e["prompt"] for e in examples.examples], special=True)
+        targets = _encode(tokenizer, [e["completion"] for e in examples.examples], special=False)
+    else:
+        targets = _encode(tokenizer, [e["text"] for e in examples.examples], special=True)
+        prompts = [[] for _ in targets]
+    rows, truncated, dropped = [], 0, 0
+    for index, (prompt, target) in enumerate(zip(prompts, targets)):
+        input_ids = prompt + target + eos
+        labels = ([IGNORE_INDEX] * len(prompt) if loss_on == "completion" else prompt) + target + eos
+        if len(input_ids) > max_length:
+            truncated += 1
+            input_ids, labels = input_ids[:max_length], labels[:max_length]
+        # The label at position 0 is never predicted (the loss shifts by one), so it does not count.
+        if all(label == IGNORE_INDEX for label in labels[1:]):
+            dropped += 1
+            continue
+        # In "prompt" augment mode the augments read only the prompt; plain text counts as all prompt.
+        is_pair = examples.format == PROMPT_COMPLETION
+        augment_length = min(len(prompt), max_length) if is_pair else len(input_ids)
+        rows.append({"input_ids": input_ids, "labels": labels, "augment_length": augment_length,
+                     "index": len(rows), "source_index": index})
+    if truncated:
+        cut = f"; {dropped} had no target token left and were dropped" if dropped else ""
+        warnings.warn(f"{examples.source}: {truncated} of {len(examples)} examples were longer than "
+                      f"max_length={max_length} tokens and were truncated{cut}", TruncationWarning,
+                      stacklevel=2)
+    if not rows:
+        raise DataError(f"{examples.source}: no example has a token to train on (max_length={max_length})")
+    lengths = [len(r["input_ids"]) for r in rows]
+    stats = {"examples": len(rows), "tokens": sum(lengths), "max_length": max(lengths)}
+    return TokenizedDataset(rows, examples, truncated, dropped, stats)
+
+
+def _encode(tokenizer: PreTrainedTokenizerBase, texts: list[str], special: bool) -> list[list[int]]:
+    return tokenizer(texts, add_special_tokens=special)["input_ids"]
+
+
+# -------------------------------------------------------------------------------------------- batching
+
+
+def pad_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The id to pad with: the tokenizer's pad token, else its EOS (padding is masked out either way)."""
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if candidate is not None:
+            return int(candidate)
+    return 0
+
+
+def pad(sequences: Sequence[Sequence[int]], value: int, side: str = "right") -> torch.LongTensor:
+    """Stack variable-length sequences into a (B, longest) tensor, padding with `value` on `side`."""
+    if side not in ("left", "right"):
+        raise ValueError(f"padding side must be 'left' or 'right', got {side!r}")
+    width = max(len(s) for s in sequences)
+    out = torch.full((len(sequences), width), value, dtype=torch.long)
+    for i, seq in enumerate(sequences):
+        if not len(seq):
+            continue
+        start = 0 if side == "right" else width - len(seq)
+        out[i, start : start + len(seq)] = torch.as_tensor(seq, dtype=torch.long)
+    return out
+
+
+@dataclass
+class PaddingCollator:
+    """Pads a list of `TokenizedDataset` rows to the longest one: input_ids, attention_mask, labels (-100 on
+    padding), plus `example_index` and `augment_length`, which the trainer takes out before the forward."""
+
+    pad_token_id: int
+    padding_side: str = "right"
+
+    def __call__(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+        ids = [r["input_ids"] for r in rows]
+        return {
+            "input_ids": pad(ids, self.pad_token_id, self.padding_side),
+            "attention_mask": pad([[1] * len(i) for i in ids], 0, self.padding_side),
+            "labels": pad([r["labels"] for r in rows], IGNORE_INDEX, self.padding_side),
+            "example_index": torch.tensor([r["index"] for r in rows], dtype=torch.long),
+            "augment_length": torch.tensor([r["augment_length"] for r in rows], dtype=torch.long),
+        }
+
+
+def encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+    """Left-padded prompts for batched generation, encoded exactly like the training prompts."""
+    ids = _encode(tokenizer, list(prompts), special=True)
+    return {"input_ids": pad(ids, pad_token_id(tokenizer), "left"),
+            "attention_mask": pad([[1] * len(i) for i in ids], 0, "left")}
