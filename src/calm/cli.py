@@ -194,11 +194,13 @@ def _interactive_prompts():
 def cmd_eval(args: argparse.Namespace) -> None:
     import json
 
+    from .data import load_examples
     from .eval import evaluate_file
 
+    examples = load_examples(args.data)  # bad data fails here, before any model is loaded
     model = load_composition(args)
     tokenizer = load_tokenizer(args.tokenizer or model.config.anchor["name_or_path"])
-    metrics = evaluate_file(model, tokenizer, args.data, max_new_tokens=args.max_new_tokens,
+    metrics = evaluate_file(model, tokenizer, examples, max_new_tokens=args.max_new_tokens,
                             batch_size=args.batch_size, augment_mode=args.augment_mode)
     print(json.dumps(metrics, indent=2))
 

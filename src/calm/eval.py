@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .data import encode_prompts, pad_token_id
+from .data import PROMPT_COMPLETION, PaddingCollator, encode_prompts, load_examples, pad_token_id, tokenize
 
 
 @torch.no_grad()
@@ -45,3 +45,34 @@ def exact_match(model: Any, tokenizer: Any, examples: Sequence[dict], max_new_to
         raise ValueError("exact_match needs at least one example")
     hits = exact_match_count(model, tokenizer, examples, max_new_tokens, batch_size, progress, **generate_kwargs)
     return hits / len(examples)
+
+
+@torch.no_grad()
+def mean_loss(model: Any, tokenizer: Any, examples: Any, batch_size: int = 32, max_length: int = 2048,
+              **forward_kwargs: Any) -> float:
+    """Token-weighted mean loss (on completions for prompt/completion data, else on all tokens)."""
+    dataset = tokenize(examples, tokenizer, max_length)
+    collate = PaddingCollator(pad_token_id(tokenizer))
+    device = getattr(model, "device", "cpu")
+    total, count = 0.0, 0
+    for start in range(0, len(dataset), batch_size):
+        batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+        labels = batch["labels"].to(device)
+        logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                       **forward_kwargs).logits
+        losses = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                                                   ignore_index=-100, reduction="sum")
+        total += float(losses)
+        count += int((labels[:, 1:] != -100).sum())
+    return total / max(count, 1)
+
+
+def evaluate_file(model: Any, tokenizer: Any, data: Any, max_new_tokens: int = 64, batch_size: int = 32,
+                  augment_mode: str | None = None) -> dict[str, float]:
+    """Loss and, for prompt/completion data, exact match of greedy completions on a JSONL file or dataset."""
+    examples = load_examples(data)
+    mode = {} if augment_mode is None else {"augment_mode": augment_mode}
+    metrics: dict[str, float] = {"examples": len(examples), "loss": mean_loss(model, tokenizer, examples, batch_size)}
+    if examples.format == PROMPT_COMPLETION:
+        metrics["exact_match"] = exact_match(model, tokenizer, examples.examples, max_new_tokens, batch_size, **mode)
+    return metrics
