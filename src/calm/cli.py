@@ -1,7 +1,8 @@
 """The `calm` command: compose, train, eval, generate, reproduce, info.
 
 Every subcommand takes `--config FILE.yaml` (keys are the flag names with underscores); flags given on the
-command line override the file. User errors print one line and exit non-zero; `--debug` shows the traceback.
+command line override the file. Errors print one line and exit non-zero (2: bad arguments, data or files; 1: an
+unexpected failure); `--debug` shows the traceback.
 """
 
 from __future__ import annotations
@@ -10,12 +11,22 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 EXIT_USER_ERROR = 2
+EXIT_INTERNAL_ERROR = 1
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 class UserError(Exception):
     """A problem with the user's input, reported without a traceback."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line (the usage is one `--help` away)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
 
 
 # ----------------------------------------------------------------------------- shared options
@@ -28,7 +39,7 @@ def add_base_arguments(parser: argparse.ArgumentParser, required: bool = True) -
     group.add_argument("--augment", action="append", default=None, required=required,
                        help="augmenting model m_A: HF name or local path (repeat the flag for several)")
     group.add_argument("--tokenizer", default=None, help="tokenizer name or path (default: the anchor's)")
-    group.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+    group.add_argument("--dtype", default="auto", choices=DTYPES,
                        help="dtype of the frozen base models (auto: bfloat16 on GPUs that have it, else float32); "
                             "composition layers stay float32")
     group.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from the hub")
@@ -72,6 +83,8 @@ def base_dtype(name: str | None):
     if name in (None, "auto"):
         has_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
         return torch.bfloat16 if has_bf16 else torch.float32
+    if name not in DTYPES:
+        raise UserError(f"--dtype {name!r} is invalid: expected one of {', '.join(DTYPES)}")
     return getattr(torch, name)
 
 
@@ -82,6 +95,16 @@ def load_base(name: str, args: argparse.Namespace):
     try:
         return AutoModelForCausalLM.from_pretrained(name, trust_remote_code=args.trust_remote_code,
                                                     dtype=base_dtype(args.dtype))
+    except OSError as e:
+        raise UserError(f"cannot load model {name!r}: {str(e).splitlines()[0]}") from e
+
+
+def load_base_config(name: str, args: argparse.Namespace):
+    """A base model's config only (no weights): cheap, so that data can be checked against the model first."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(name, trust_remote_code=args.trust_remote_code)
     except OSError as e:
         raise UserError(f"cannot load model {name!r}: {str(e).splitlines()[0]}") from e
 
@@ -161,11 +184,15 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
     from transformers import TextIteratorStreamer
 
+    if args.prompt is not None and not args.prompt.strip():
+        raise UserError("--prompt is empty: give some text to complete")
     model = load_composition(args)
     tokenizer = load_tokenizer(args.tokenizer or model.config.anchor["name_or_path"])
     prompts = [args.prompt] if args.prompt is not None else _interactive_prompts()
     for prompt in prompts:
         inputs = tokenizer(prompt, return_tensors="pt")
+        if inputs["input_ids"].shape[1] == 0:
+            raise UserError(f"the prompt {prompt!r} encodes to no tokens")
         streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
         kwargs = dict(**inputs, max_new_tokens=args.max_new_tokens, streamer=streamer,
                       augment_mode=args.augment_mode, do_sample=args.temperature > 0,
@@ -173,12 +200,23 @@ def cmd_generate(args: argparse.Namespace) -> None:
                       else tokenizer.eos_token_id)
         if args.temperature > 0:
             kwargs.update(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
-        worker = threading.Thread(target=model.generate, kwargs=kwargs)
+        failure: list[BaseException] = []
+
+        def run(kwargs=kwargs, streamer=streamer, failure=failure) -> None:
+            try:
+                model.generate(**kwargs)
+            except BaseException as e:  # handed to the main thread, which would otherwise wait forever
+                failure.append(e)
+                streamer.end()
+
+        worker = threading.Thread(target=run, daemon=True)
         worker.start()
         for text in streamer:
             print(text, end="", flush=True)
         worker.join()
         print()
+        if failure:
+            raise failure[0]
 
 
 def _interactive_prompts():
@@ -221,7 +259,7 @@ def cmd_reproduce(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="calm", description="Compose frozen Hugging Face causal LMs (CALM).")
+    parser = _Parser(prog="calm", description="Compose frozen Hugging Face causal LMs (CALM).")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
@@ -248,9 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--max-new-tokens", type=_positive_int, default=64)
         if name == "generate":
             sub.add_argument("--prompt", default=None, help="prompt text (default: read prompts interactively)")
-            sub.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
-            sub.add_argument("--top-k", type=int, default=50)
-            sub.add_argument("--top-p", type=float, default=1.0)
+            sub.add_argument("--temperature", type=_bounded(float, 0.0), default=0.0, help="0 means greedy")
+            sub.add_argument("--top-k", type=_bounded(int, 0), default=50, help="0: no top-k filtering")
+            sub.add_argument("--top-p", type=_bounded(float, 0.0, 1.0, low_open=True), default=1.0)
         else:
             sub.add_argument("--data", required=True, type=Path, help="JSONL of {prompt, completion}")
             sub.add_argument("--batch-size", type=_positive_int, default=32)
@@ -268,6 +306,24 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--output-dir", type=Path, default=Path("results/kv_arithmetic"),
                      help="where results.md, results.json and the plots go")
     return parser
+
+
+def _bounded(kind: type, low: float, high: float | None = None, low_open: bool = False) -> Callable[[str], Any]:
+    """An argparse type: a `kind` number in [low, high] ((low, high] with `low_open`)."""
+    allowed = f"{'(' if low_open else '['}{low}, {high if high is not None else 'inf'}]"
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {kind.__name__} in {allowed}, got {text!r}") from None
+        too_low = value <= low if low_open else value < low
+        if too_low or (high is not None and value > high) or value != value:
+            raise argparse.ArgumentTypeError(f"expected {kind.__name__} in {allowed}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
 
 
 def _positive_int(text: str) -> int:
@@ -289,20 +345,58 @@ def apply_config_file(parser: argparse.ArgumentParser, argv: Sequence[str]) -> a
 
         try:
             values = yaml.safe_load(Path(path).read_text()) or {}
-        except (OSError, yaml.YAMLError) as e:
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
             raise UserError(f"cannot read --config {path}: {e}") from e
         if not isinstance(values, dict):
             raise UserError(f"--config {path} must hold a mapping of option: value")
-        values = {k.replace("-", "_"): v for k, v in values.items()}
+        if command == "train" and isinstance(values.get("train"), dict):
+            values = _from_run_record(values)
+        values = {str(k).replace("-", "_"): v for k, v in values.items()}
         subparser = _subparsers(parser).choices[command]
         actions = {action.dest: action for action in subparser._actions}
         unknown = sorted(k for k in values if k not in actions or k in ("config", "help"))
         if unknown:
             raise UserError(f"--config {path}: unknown option(s) {', '.join(unknown)}")
-        for name in values:
+        for name, value in values.items():
+            values[name] = _config_value(path, actions[name], value)
             actions[name].required = False
         subparser.set_defaults(**values)
     return parser.parse_args(argv)
+
+
+def _from_run_record(record: dict) -> dict:
+    """The options of a run's own `train_config.json` (TrainConfig values under `train`, the models under
+    `model`, the data files under `data`) as flat `calm train` options."""
+    values = dict(record["train"])
+    model = record.get("model") if isinstance(record.get("model"), dict) else {}
+    for key in ("anchor", "augments", "tokenizer", "dtype", "connections", "num_heads", "qk_norm", "init",
+                "augment_mode"):
+        if key in model:
+            values.setdefault("augment" if key == "augments" else key, model[key])
+    data = record.get("data") if isinstance(record.get("data"), dict) else {}
+    for key, flag in (("train", "train_data"), ("eval", "eval_data")):
+        if data.get(key):
+            values.setdefault(flag, data[key])
+    return values
+
+
+def _config_value(path: str, action: argparse.Action, value: Any) -> Any:
+    """A config-file value checked as its flag would be (argparse converts only string defaults, and never
+    checks defaults against `choices`): scalars go through the flag's type, then its choices."""
+    flag = action.option_strings[-1] if action.option_strings else action.dest
+    if value is None:
+        return value
+    if action.nargs in ("+", "*") or isinstance(action, argparse._AppendAction):
+        return list(value) if isinstance(value, (list, tuple)) else [value]  # `augment: path` means [path]
+    if action.type is not None and not isinstance(value, (str, list, dict, bool)):
+        try:
+            value = action.type(str(value))
+        except (argparse.ArgumentTypeError, ValueError) as e:
+            raise UserError(f"--config {path}: {flag}={value!r} is invalid: {e}") from None
+    if action.choices is not None and not isinstance(value, (list, dict)) and value not in action.choices:
+        allowed = ", ".join(map(str, action.choices))
+        raise UserError(f"--config {path}: {flag}={value!r} is invalid: expected one of {allowed}")
+    return value
 
 
 def _config_path(argv: Sequence[str]) -> str | None:
@@ -328,13 +422,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("calm: interrupted", file=sys.stderr)
         return 130
-    except (UserError, ValueError, TypeError, FileNotFoundError, NotImplementedError, OSError) as e:
+    except (UserError, ValueError, TypeError, FileNotFoundError, NotImplementedError, OSError,
+            FloatingPointError) as e:
         if debug:
             raise
-        message = str(e).splitlines()[0] if str(e) else type(e).__name__
-        print(f"calm: error: {message}", file=sys.stderr)
+        print(f"calm: error: {_first_line(e)}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except Exception as e:  # a bug or an unexpected failure: still one line, the traceback is one flag away
+        if debug:
+            raise
+        print(f"calm: error: {type(e).__name__}: {_first_line(e)} (rerun with --debug for the traceback)",
+              file=sys.stderr)
+        return EXIT_INTERNAL_ERROR
     return 0
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 if __name__ == "__main__":

@@ -64,20 +64,24 @@ def validate_connections(
     connections: Sequence[Sequence[int]], augment_layers: int, anchor_layers: int
 ) -> list[tuple[int, int]]:
     """Check explicit `(augment_block, anchor_block)` pairs; raise `ValueError` naming the bad value."""
-    if isinstance(connections, (str, bytes)) or len(connections) == 0:
+    if isinstance(connections, (str, bytes)) or not isinstance(connections, Sequence) or len(connections) == 0:
         raise ValueError(
             f"connections={connections!r} is invalid: expected a non-empty list of (augment, anchor) pairs"
         )
     pairs = []
     for i, pair in enumerate(connections):
-        if isinstance(pair, (str, bytes)) or len(pair) != 2:
+        if isinstance(pair, (str, bytes)) or not isinstance(pair, Sequence) or len(pair) != 2:
             raise ValueError(
                 f"connections[{i}]={pair!r} is invalid: expected a pair (augment_layer, anchor_layer); "
                 "both sides need the same number of layers"
             )
         a, b = pair
         for side, value, n in (("augment", a, augment_layers), ("anchor", b, anchor_layers)):
-            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < n:
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(
+                    f"connections[{i}] {side} layer {value!r} is not an integer: expected an integer in [0, {n - 1}]"
+                )
+            if not 0 <= value < n:
                 raise ValueError(
                     f"connections[{i}] {side} layer {value!r} is out of range: expected an integer in [0, {n - 1}]"
                 )
@@ -112,7 +116,9 @@ class CALMConfig(PretrainedConfig):
         augments: list[dict] | None = None,
         **kwargs: Any,
     ) -> None:
-        self.connections = [[list(p) for p in conns] for conns in (connections or [])]
+        # Pairs become lists (JSON's shape); anything malformed is kept as is for validate_structure to name.
+        self.connections = [[list(p) if isinstance(p, (list, tuple)) else p for p in conns]
+                            if isinstance(conns, (list, tuple)) else conns for conns in (connections or [])]
         self.num_heads = num_heads
         self.qk_norm = qk_norm
         self.init = init
@@ -134,3 +140,24 @@ class CALMConfig(PretrainedConfig):
             raise ValueError(f"qk_norm={self.qk_norm!r} is invalid: expected True or False")
         if isinstance(self.num_heads, bool) or not isinstance(self.num_heads, int) or self.num_heads < 1:
             raise ValueError(f"num_heads={self.num_heads!r} is invalid: expected a positive integer")
+        self.validate_structure()
+
+    def validate_structure(self) -> None:
+        """Check the connections against the recorded base models (when recorded): one list of valid
+        `(augment_block, anchor_block)` pairs per augment, and `num_heads` dividing the anchor's width. A
+        config read from disk can then never point the composition at a block that does not exist."""
+        anchor_layers, anchor_width = self.anchor.get("num_layers"), self.anchor.get("width")
+        if self.augments and len(self.augments) != len(self.connections):
+            raise ValueError(f"connections has {len(self.connections)} lists but there are {len(self.augments)} "
+                             "augments: expected one list of (augment_layer, anchor_layer) pairs per augment")
+        for k, conns in enumerate(self.connections):
+            augment_layers = self.augments[k].get("num_layers") if self.augments else None
+            if not isinstance(anchor_layers, int) or not isinstance(augment_layers, int):
+                continue  # nothing recorded to check against (e.g. CALMConfig() with no arguments)
+            try:
+                validate_connections(conns, augment_layers, anchor_layers)
+            except ValueError as e:
+                where = f"connections of augment {k}: " if len(self.connections) > 1 else ""
+                raise ValueError(f"{where}{e}") from None
+        if isinstance(anchor_width, int) and anchor_width % self.num_heads:
+            raise ValueError(f"num_heads={self.num_heads} must divide the anchor's hidden width {anchor_width}")

@@ -50,9 +50,14 @@ class ExampleSet:
     examples: list[dict[str, str]]
     format: str  # PROMPT_COMPLETION or TEXT
     source: str
+    locations: list[str] = field(default_factory=list)  # per example: "file:line" or "examples row i"
 
     def __len__(self) -> int:
         return len(self.examples)
+
+    def where(self, index: int) -> str:
+        """Where example `index` came from, for messages."""
+        return self.locations[index] if index < len(self.locations) else f"{self.source} example {index}"
 
 
 DataSource = str | os.PathLike | Sequence[Mapping[str, Any]] | ExampleSet | Any  # Any: a datasets.Dataset
@@ -75,7 +80,8 @@ def load_examples(source: DataSource | Sequence[str | os.PathLike]) -> ExampleSe
         if len(formats) > 1:
             raise DataError(f"{', '.join(s.source for s in sets)}: files mix formats {sorted(formats)}")
         examples = [example for s in sets for example in s.examples]
-        return ExampleSet(examples, sets[0].format, ", ".join(s.source for s in sets))
+        locations = [where for s in sets for where in s.locations]
+        return ExampleSet(examples, sets[0].format, ", ".join(s.source for s in sets), locations)
     if isinstance(source, Mapping) or not isinstance(source, Iterable):
         raise TypeError("training data must be a JSONL path, a datasets.Dataset or a list of dicts, "
                         f"got {type(source).__name__}")
@@ -98,7 +104,7 @@ def _read_jsonl(path: Path) -> Iterable[tuple[str, Any]]:
         for number, raw in enumerate(f, start=1):
             where = f"{path}:{number}"
             try:
-                line = raw.decode("utf-8")
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")  # a leading BOM is not data
             except UnicodeDecodeError as e:
                 raise DataError(f"{where}: not valid UTF-8 (byte {e.start}: {e.reason})") from None
             if not line.strip():
@@ -111,6 +117,7 @@ def _read_jsonl(path: Path) -> Iterable[tuple[str, Any]]:
 
 def _check_all(records: Iterable[tuple[str, Any]], source: str) -> ExampleSet:
     examples: list[dict[str, str]] = []
+    locations: list[str] = []
     first_format, first_where = None, ""
     for where, record in records:
         fmt = _record_format(record, where)
@@ -120,9 +127,10 @@ def _check_all(records: Iterable[tuple[str, Any]], source: str) -> ExampleSet:
             raise DataError(f"{where}: a {fmt!r} record, but {first_where} is {first_format!r}: "
                             "a dataset holds one format")
         examples.append({key: record[key] for key in _KEYS[fmt]})
+        locations.append(where)
     if not examples:
         raise DataError(f"{source}: no examples (the dataset is empty)")
-    return ExampleSet(examples, first_format, source)
+    return ExampleSet(examples, first_format, source, locations)
 
 
 def _record_format(record: Any, where: str) -> str:
@@ -143,6 +151,10 @@ def _record_format(record: Any, where: str) -> str:
             raise DataError(f"{where}: {key!r} must be a string, got {type(value).__name__}")
         if not value:
             raise DataError(f"{where}: {key!r} is an empty string")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:  # e.g. an unpaired "\ud800" escape in the JSON
+            raise DataError(f"{where}: {key!r} is not valid Unicode (character {e.start}: {e.reason})") from None
     return fmt
 
 
@@ -194,9 +206,12 @@ def resolve_loss_on(loss_on: str, fmt: str) -> str:
 
 
 def tokenize(data: DataSource, tokenizer: PreTrainedTokenizerBase, max_length: int, loss_on: str = "auto",
-             append_eos: bool = True) -> TokenizedDataset:
+             append_eos: bool = True, strict_length: bool = False) -> TokenizedDataset:
     """Tokenise (and validate, when not done yet) a dataset. Examples longer than `max_length` are cut at the
-    end, with one `TruncationWarning` giving the count; examples left with no target token are dropped."""
+    end, with one `TruncationWarning` giving the count; examples left with no target token are dropped.
+    With `strict_length=True` an example longer than `max_length` is a `DataError` naming it instead."""
+    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
+        raise ValueError(f"max_length={max_length!r} is invalid: expected a positive integer")
     examples = load_examples(data)
     loss_on = resolve_loss_on(loss_on, examples.format)
     eos = [tokenizer.eos_token_id] if append_eos and tokenizer.eos_token_id is not None else []
@@ -206,6 +221,8 @@ def tokenize(data: DataSource, tokenizer: PreTrainedTokenizerBase, max_length: i
     else:
         targets = _encode(tokenizer, [e["text"] for e in examples.examples], special=True)
         prompts = [[] for _ in targets]
+    if strict_length:
+        _refuse_long_examples(examples, [len(p) + len(t) + len(eos) for p, t in zip(prompts, targets)], max_length)
     rows, truncated, dropped = [], 0, 0
     for index, (prompt, target) in enumerate(zip(prompts, targets)):
         input_ids = prompt + target + eos
@@ -236,6 +253,50 @@ def tokenize(data: DataSource, tokenizer: PreTrainedTokenizerBase, max_length: i
 
 def _encode(tokenizer: PreTrainedTokenizerBase, texts: list[str], special: bool) -> list[list[int]]:
     return tokenizer(texts, add_special_tokens=special)["input_ids"]
+
+
+def _refuse_long_examples(examples: ExampleSet, lengths: list[int], max_length: int) -> None:
+    long = [i for i, n in enumerate(lengths) if n > max_length]
+    if long:
+        first = long[0]
+        raise DataError(f"{examples.where(first)}: {lengths[first]} tokens, longer than max_length={max_length} "
+                        f"({len(long)} of {len(examples)} examples are; strict_length refuses them: raise "
+                        "max_length, shorten the data, or allow truncation)")
+
+
+def check_token_ids(dataset: TokenizedDataset, vocab_size: int, pad_id: int | None = None) -> None:
+    """Raise `DataError` when a token id (or the padding id) is outside the model's vocabulary: the tokenizer
+    does not belong to the model, and the embedding lookup would fail in the middle of training."""
+    if pad_id is not None and not 0 <= pad_id < vocab_size:
+        raise DataError(f"the padding token id {pad_id} is outside the model's vocabulary (vocab_size="
+                        f"{vocab_size}): the tokenizer does not fit the model")
+    for row in dataset.rows:
+        ids = row["input_ids"]
+        if ids and (max(ids) >= vocab_size or min(ids) < 0):  # builtins: fast on millions of rows
+            bad = next(t for t in ids if not 0 <= t < vocab_size)
+            where = dataset.examples.where(row.get("source_index", row.get("index", 0)))
+            raise DataError(f"{where}: token id {bad} is outside the model's vocabulary (vocab_size={vocab_size}): "
+                            "the tokenizer does not fit the model")
+
+
+def model_configs(model: Any) -> list[Any]:
+    """The configs of the models a batch goes through: a composition's anchor and augments, else the model's."""
+    if hasattr(model, "anchor") and hasattr(model, "augments"):
+        return [model.anchor.config, *(augment.config for augment in model.augments)]
+    config = getattr(model, "config", None)
+    return [config] if config is not None else []
+
+
+def context_length(configs: Sequence[Any]) -> int | None:
+    """The longest sequence every one of these model configs accepts (`max_position_embeddings`, the smallest
+    one), or None when none of them says."""
+    limits = []
+    for config in configs:
+        text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+        limit = getattr(text, "max_position_embeddings", None)
+        if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0:
+            limits.append(limit)
+    return min(limits, default=None)
 
 
 # -------------------------------------------------------------------------------------------- batching

@@ -8,7 +8,17 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .data import PROMPT_COMPLETION, PaddingCollator, encode_prompts, load_examples, pad_token_id, tokenize
+from .data import (
+    PROMPT_COMPLETION,
+    PaddingCollator,
+    check_token_ids,
+    context_length,
+    encode_prompts,
+    load_examples,
+    model_configs,
+    pad_token_id,
+    tokenize,
+)
 
 
 @torch.no_grad()
@@ -50,8 +60,14 @@ def exact_match(model: Any, tokenizer: Any, examples: Sequence[dict], max_new_to
 @torch.no_grad()
 def mean_loss(model: Any, tokenizer: Any, examples: Any, batch_size: int = 32, max_length: int = 2048,
               **forward_kwargs: Any) -> float:
-    """Token-weighted mean loss (on completions for prompt/completion data, else on all tokens)."""
-    dataset = tokenize(examples, tokenizer, max_length)
+    """Token-weighted mean loss (on completions for prompt/completion data, else on all tokens). Examples are
+    cut to `max_length` and to the model's context; token ids outside its vocabulary are a `DataError`."""
+    configs = model_configs(model)
+    context = context_length(configs)
+    dataset = tokenize(examples, tokenizer, max_length if context is None else min(max_length, context))
+    vocab_size = getattr(configs[0].get_text_config(decoder=True), "vocab_size", None) if configs else None
+    if isinstance(vocab_size, int):
+        check_token_ids(dataset, vocab_size, pad_token_id(tokenizer))
     collate = PaddingCollator(pad_token_id(tokenizer))
     device = getattr(model, "device", "cpu")
     total, count = 0.0, 0

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_safetensors_bytes
+from safetensors.torch import save_file
+from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from .blocks import base_info
@@ -20,34 +26,59 @@ if TYPE_CHECKING:
 
 CONFIG_NAME = "calm_config.json"
 WEIGHTS_NAME = "calm.safetensors"
+FORMAT = "calm/1"
 _RECORD_FIELDS = {"name_or_path": str, "num_layers": int, "width": int, "vocab_size": int}
 _CONFIG_FIELDS = {"connections": list, "num_heads": int, "qk_norm": bool, "init": str, "augment_mode": str,
                   "anchor": dict, "augments": list}
+_CHECKSUM_FIELD = "weights_sha256"  # sha256 of calm.safetensors: catches corruption and a config/weights mix-up
 
 
-def _atomic_write(path: Path, write: Any) -> None:
-    """Write through a temporary file in the same directory, then rename: a crash never leaves half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
+def _write_atomically(directory: Path, writers: Mapping[str, Callable[[str], None]]) -> None:
+    """Write every file to a temporary file in `directory` first, then rename them all into place.
+
+    A failed write (disk full, a kill) leaves the files that were there before untouched and no temporary
+    file behind (a kill can leave a hidden `.NAME.*` temporary). Only the renames, which cannot run out of
+    space, happen after the first file is replaced."""
+    temps: dict[str, str] = {}
     try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        for name, write in writers.items():
+            fd, temps[name] = tempfile.mkstemp(dir=directory, prefix=f".{name}.")
+            os.close(fd)
+            write(temps[name])
+        for name, tmp in temps.items():
+            os.replace(tmp, directory / name)
+    finally:
+        for tmp in temps.values():
+            Path(tmp).unlink(missing_ok=True)
+
+
+def _sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def save_composition(model: CALMForCausalLM, save_directory: str | os.PathLike, weights: dict | None = None) -> None:
     """Write `calm_config.json` and `calm.safetensors` (only the composition layers, from `weights` when given)
-    to `save_directory`."""
+    to `save_directory`. The config records the weights file's checksum; both files replace the old ones only
+    once both are written completely."""
     directory = Path(save_directory)
     directory.mkdir(parents=True, exist_ok=True)
     weights = model.composition.state_dict() if weights is None else weights
     state = {k: v.detach().contiguous().cpu() for k, v in weights.items()}
     config = {key: getattr(model.config, key) for key in _CONFIG_FIELDS}
-    config["format"] = "calm/1"
-    _atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
-    _atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
+    config["format"] = FORMAT
+
+    def write_weights(tmp: str) -> None:
+        save_file(state, tmp, metadata={"format": "pt"})
+        config[_CHECKSUM_FIELD] = _sha256(tmp)
+
+    _write_atomically(directory, {
+        WEIGHTS_NAME: write_weights,
+        CONFIG_NAME: lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"),
+    })
 
 
 def load_config(directory: str | os.PathLike) -> CALMConfig:
@@ -61,6 +92,12 @@ def load_config(directory: str | os.PathLike) -> CALMConfig:
         raise ValueError(f"{path} is not valid JSON: {e}") from None
     if not isinstance(raw, dict):
         raise ValueError(f"{path} must hold a JSON object, got {type(raw).__name__}")
+    if raw.get("format", FORMAT) != FORMAT:
+        raise ValueError(f"{path}: format {raw['format']!r} is not supported: expected {FORMAT!r} (written by "
+                         "another version of calm?)")
+    checksum = raw.get(_CHECKSUM_FIELD)
+    if checksum is not None and not isinstance(checksum, str):
+        raise ValueError(f"{path}: field {_CHECKSUM_FIELD!r} must be str, got {type(checksum).__name__}")
     for field, kind in _CONFIG_FIELDS.items():
         if field not in raw:
             raise ValueError(f"{path}: field {field!r} is missing")
@@ -71,15 +108,23 @@ def load_config(directory: str | os.PathLike) -> CALMConfig:
     if len(raw["augments"]) != len(raw["connections"]):
         raise ValueError(f"{path}: {len(raw['augments'])} augments but {len(raw['connections'])} connection lists")
     kwargs = {k: raw[k] for k in _CONFIG_FIELDS}
-    return CALMConfig(**kwargs, vocab_size=raw["anchor"]["vocab_size"])
+    try:
+        config = CALMConfig(**kwargs, vocab_size=raw["anchor"]["vocab_size"])
+    except ValueError as e:  # options and connections, checked against the recorded base models
+        raise ValueError(f"{path}: {e}") from None
+    config.weights_sha256 = checksum
+    return config
 
 
 def _check_record(path: Path, who: str, record: Any) -> None:
     if not isinstance(record, dict):
         raise ValueError(f"{path}: {who} must be an object")
     for field, kind in _RECORD_FIELDS.items():
-        if not isinstance(record.get(field), kind):
-            raise ValueError(f"{path}: {who}.{field} must be {kind.__name__}, got {record.get(field)!r}")
+        value = record.get(field)
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise ValueError(f"{path}: {who}.{field} must be {kind.__name__}, got {value!r}")
+        if kind is int and value < 1:
+            raise ValueError(f"{path}: {who}.{field}={value} is invalid: expected a positive integer")
 
 
 def check_base(config_record: dict, model: PreTrainedModel, who: str) -> None:
@@ -97,9 +142,12 @@ def check_base(config_record: dict, model: PreTrainedModel, who: str) -> None:
 def load_composition(cls: type[CALMForCausalLM], directory: str | os.PathLike, anchor: PreTrainedModel | None,
                      augments: list[PreTrainedModel] | None, *, trust_remote_code: bool = False,
                      **base_kwargs: Any) -> CALMForCausalLM:
-    """Rebuild a composition from `directory` on the given (or recorded) base models and load its weights."""
+    """Rebuild a composition from `directory` on the given (or recorded) base models and load its weights.
+
+    Everything is checked before anything is loaded: a bad file or a wrong base model raises `ValueError` (or
+    `FileNotFoundError`) and leaves the given base models exactly as they were."""
     config = load_config(directory)
-    weights = load_weights(directory)
+    weights = load_weights(directory, expected_sha256=getattr(config, "weights_sha256", None))
     if anchor is None:
         anchor = _load_base(config.anchor, "anchor", trust_remote_code, base_kwargs)
     if augments is None:
@@ -111,30 +159,65 @@ def load_composition(cls: type[CALMForCausalLM], directory: str | os.PathLike, a
     check_base(config.anchor, anchor, "anchor")
     for i, (record, model) in enumerate(zip(config.augments, augments)):
         check_base(record, model, f"augments[{i}]")
-    model = cls(config, anchor, augments)
-    expected = set(model.composition.state_dict())
-    if set(weights) != expected:
-        missing, extra = sorted(expected - set(weights)), sorted(set(weights) - expected)
-        raise ValueError(
-            f"{Path(directory) / WEIGHTS_NAME} does not fit calm_config.json: missing {missing[:5]}, "
-            f"unexpected {extra[:5]}"
-        )
-    try:
-        model.composition.load_state_dict(weights, strict=True)
-    except RuntimeError as e:  # shape mismatches
-        raise ValueError(f"{Path(directory) / WEIGHTS_NAME} does not fit calm_config.json: {e}") from None
+    with _restore_modes_on_error([anchor, *augments]):  # building the composition freezes the bases
+        model = cls(config, anchor, augments)
+        load_checked(model.composition, weights, Path(directory) / WEIGHTS_NAME)
     return model
 
 
-def load_weights(directory: str | os.PathLike) -> dict:
-    """Composition weights from `calm.safetensors` (never unpickles)."""
+def load_weights(directory: str | os.PathLike, expected_sha256: str | None = None) -> dict[str, torch.Tensor]:
+    """Composition weights from `calm.safetensors` (never unpickles). With `expected_sha256` (recorded in
+    calm_config.json), a file that differs from the one saved with the config is refused."""
     path = Path(directory) / WEIGHTS_NAME
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: the composition weights are missing")
     try:
-        return load_file(path)
-    except (SafetensorError, OSError, ValueError) as e:
+        data = path.read_bytes()
+        weights = load_safetensors_bytes(data)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise ValueError(f"{path} is corrupted or truncated: {e}") from None
+    if expected_sha256 is not None and hashlib.sha256(data).hexdigest() != expected_sha256:
+        raise ValueError(f"{path} does not match the checksum recorded in {CONFIG_NAME}: the file is corrupted, "
+                         "or it is not the one saved with this config (an interrupted or mixed-up copy?)")
+    return weights
+
+
+def check_weights(weights: Mapping[str, torch.Tensor], module: nn.Module, path: str | os.PathLike) -> None:
+    """Raise `ValueError` unless `weights` has exactly `module`'s keys, with the same shapes and floating-point
+    dtypes (another float dtype is cast on load; integer or boolean tensors are refused)."""
+    expected = module.state_dict()
+    if set(weights) != set(expected):
+        missing, extra = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
+        raise ValueError(f"{path} does not fit {CONFIG_NAME}: missing {missing[:5]}, unexpected {extra[:5]}")
+    for name, tensor in weights.items():
+        if tuple(tensor.shape) != tuple(expected[name].shape):
+            raise ValueError(f"{path} does not fit {CONFIG_NAME}: {name} has shape {tuple(tensor.shape)}, "
+                             f"expected {tuple(expected[name].shape)}")
+        if tensor.dtype.is_floating_point != expected[name].dtype.is_floating_point:
+            raise ValueError(f"{path}: {name} has dtype {tensor.dtype}, expected a floating-point tensor "
+                             f"({expected[name].dtype})")
+
+
+def load_checked(module: nn.Module, weights: Mapping[str, torch.Tensor], path: str | os.PathLike) -> None:
+    """`module.load_state_dict(weights)` after `check_weights`: a bad file changes nothing (PyTorch itself would
+    copy the tensors that fit before reporting the ones that do not)."""
+    check_weights(weights, module, path)
+    module.load_state_dict(weights, strict=True)
+
+
+@contextlib.contextmanager
+def _restore_modes_on_error(models: Sequence[nn.Module]) -> Iterator[None]:
+    """On an exception, put back each parameter's `requires_grad` and each module's train/eval mode."""
+    grads = [(p, p.requires_grad) for m in models for p in m.parameters()]
+    modes = [(module, module.training) for m in models for module in m.modules()]
+    try:
+        yield
+    except BaseException:
+        for p, flag in grads:
+            p.requires_grad_(flag)
+        for module, flag in modes:
+            module.training = flag
+        raise
 
 
 def _load_base(record: dict, who: str, trust_remote_code: bool, base_kwargs: dict) -> PreTrainedModel:

@@ -338,6 +338,8 @@ def compose(
     augment block, the paper's choice). With none, every 4th augment block is tapped. `num_heads` defaults to
     the anchor's attention heads.
     """
+    if augment is None:
+        raise ValueError("augment is None: give an augmenting model (a PreTrainedModel) or a list of them")
     augments = [augment] if isinstance(augment, PreTrainedModel) else list(augment)
     if not augments:
         raise ValueError("augment is an empty list: give at least one augmenting model")

@@ -28,6 +28,7 @@ import os
 import shutil
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -38,6 +39,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 from transformers import (
+    PretrainedConfig,
     PreTrainedTokenizerBase,
     Trainer,
     TrainerCallback,
@@ -45,17 +47,22 @@ from transformers import (
     set_seed,
 )
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
+from transformers.trainer_pt_utils import safe_globals
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from transformers.utils import logging
 
 from .data import (
     LOSS_ON,
     PROMPT_COMPLETION,
+    DataError,
     DataSource,
     ExampleSet,
     PaddingCollator,
     TokenizedDataset,
+    check_token_ids,
+    context_length,
     load_examples,
+    model_configs,
     pad_token_id,
     tokenize,
 )
@@ -66,12 +73,24 @@ logger = logging.get_logger(__name__)
 
 SCHEDULERS = ("cosine", "linear", "constant")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+ON_NAN = ("stop", "skip")
 STAGING_PREFIX = ".staging-"  # never matches `checkpoint-*`, so the Trainer's rotation ignores it
 CONFIG_FILE = "train_config.json"
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
 CHECKPOINTS_DIR = "checkpoints"
 DATA_STATE_FILE = "data_state.json"
+TRAINER_STATE_FILE = "trainer_state.json"
+NEVER_LOADED = ("training_args.bin",)  # pickles the Trainer writes but never reads back
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss or the gradient became NaN/inf and `TrainConfig.on_nan` is "stop"; the weights were not updated
+    with it, and the checkpoints already written are kept."""
+
+
+class CheckpointError(OSError):
+    """A checkpoint could not be written, or one found for resuming cannot be used; the message says which."""
 
 
 # ------------------------------------------------------------------------------------------ configuration
@@ -97,9 +116,14 @@ class TrainConfig:
     lr_scheduler: str = _option("cosine", "learning-rate decay after warmup", SCHEDULERS)
     warmup_steps: float = _option(0.03, "linear warmup: steps when >= 1, a fraction of all steps when < 1")
     max_grad_norm: float = _option(1.0, "clip the gradient norm to this; 0: no clipping")
+    on_nan: str = _option("stop", "on a NaN/inf loss or gradient: stop with an error (keeping the last good "
+                          "checkpoint), or skip that optimizer step and go on (counted)", ON_NAN)
     precision: str = _option("auto", "autocast: bf16/fp16 where supported (auto: bf16 on GPUs that have it, "
                              "else fp16 on GPU, fp32 on CPU)", PRECISIONS)
-    max_length: int = _option(512, "tokens per example; longer ones are truncated (with a counted warning)")
+    max_length: int = _option(512, "tokens per example (at most the models' context, max_position_embeddings); "
+                              "longer ones are truncated, with a counted warning")
+    strict_length: bool = _option(False, "refuse (an error naming the example) instead of truncating examples "
+                                  "longer than max_length or the models' context")
     loss_on: str = _option("auto", "which tokens carry the loss (auto: the completion for prompt/completion "
                            "data, everything for text)", LOSS_ON)
     append_eos: bool = _option(True, "end every example with the tokenizer's EOS token")
@@ -200,6 +224,7 @@ class TrainResult:
     resumed_from: str | None
     world_size: int
     augment_cache: dict[str, int] = field(default_factory=dict)  # this process's cache statistics
+    skipped_steps: int = 0  # optimizer steps skipped for a NaN/inf loss or gradient (on_nan="skip")
 
 
 # ------------------------------------------------------------------------------------ augment-state cache
@@ -315,12 +340,18 @@ class CompositionTrainer(Trainer):
     atomic, composition-aware checkpoints. Works for any causal LM; the CALM-specific parts switch off."""
 
     def __init__(self, *args: Any, augment_cache: AugmentStateCache | None = None, exact_match: bool = True,
-                 max_new_tokens: int = 0, max_exact_match_examples: int = 0, **kwargs: Any) -> None:
+                 max_new_tokens: int = 0, max_exact_match_examples: int = 0, on_nan: str = "stop",
+                 **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.augment_cache = augment_cache
         self.exact_match = exact_match
         self.max_new_tokens = max_new_tokens
         self.max_exact_match_examples = max_exact_match_examples
+        if on_nan not in ON_NAN:
+            raise ValueError(f"on_nan={on_nan!r} is invalid: expected one of {ON_NAN}")
+        self.on_nan = on_nan
+        self.skipped_steps = 0
+        self._nonfinite_loss_at: int | None = None  # the global step whose micro-batch loss was NaN/inf
         self._staging_dir: Path | None = None
         self._throughput_mark: tuple[float, int, int] | None = None
         self.tokens_at_start = 0  # tokens seen before this call's first step (non-zero after a resume)
@@ -365,7 +396,65 @@ class CompositionTrainer(Trainer):
         if self._throughput_mark is None:  # first step of this call: rates are measured from here
             self.tokens_at_start = self.state.num_input_tokens_seen
             self._throughput_mark = (time.perf_counter(), self.tokens_at_start, self.state.global_step)
-        return super().training_step(model, inputs, num_items_in_batch)
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if not bool(torch.isfinite(loss).all()):  # the Trainer's own NaN filter syncs on this too
+            self._nonfinite_loss_at = self.state.global_step
+        return loss
+
+    # ---- NaN / inf guard
+
+    def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
+        """The Trainer's optimizer, whose `step` checks that the loss and gradients are finite before updating,
+        and the weights after: non-finite values never reach the weights of a checkpoint."""
+        optimizer = super().create_optimizer(model)
+        if not getattr(optimizer, "_calm_guarded", False):
+            update = optimizer.step
+
+            def guarded_step(*args: Any, **kwargs: Any) -> Any:
+                if not self._may_update(optimizer):
+                    return None
+                result = update(*args, **kwargs)
+                if not self._all_finite(p for group in optimizer.param_groups for p in group["params"]):
+                    self._stop("the weights became NaN or inf in the update", applied=True)
+                return result
+
+            optimizer.step = guarded_step
+            optimizer._calm_guarded = True
+        return optimizer
+
+    def _all_finite(self, tensors: Any) -> bool:
+        """Whether every tensor is finite on every process (shards differ under FSDP: all must decide alike)."""
+        flags = [torch.isfinite(t).all() for t in tensors]
+        bad = (~torch.stack(flags).all()).float() if flags else torch.zeros(())
+        if self.args.world_size > 1:
+            bad = self.accelerator.reduce(bad.to(self.args.device), reduction="sum")
+        return not bool(bad > 0)
+
+    def _may_update(self, optimizer: torch.optim.Optimizer) -> bool:
+        """True when this step's loss and gradients are finite; otherwise stop (raise) or skip the step (counted).
+        Under fp16 the GradScaler skips overflowing steps itself before this is reached, as usual."""
+        here = self._nonfinite_loss_at == self.state.global_step
+        loss_bad = not self._all_finite([torch.tensor(float("nan") if here else 0.0)])  # on any process
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if not loss_bad and self._all_finite(grads):
+            return True
+        what = "the loss" if loss_bad else "the gradient"
+        if self.on_nan == "stop":
+            self._stop(f"{what} is NaN or inf", applied=False)
+        self.skipped_steps += 1
+        logger.warning(f"step {self.state.global_step + 1}: {what} is NaN or inf, update skipped (on_nan='skip'; "
+                       f"{self.skipped_steps} skipped so far)")
+        optimizer.zero_grad()
+        return False
+
+    def _stop(self, what: str, applied: bool) -> None:
+        """Raise `NonFiniteLossError` naming the step and the checkpoint that is kept."""
+        latest = latest_checkpoint(self.args.output_dir)
+        kept = f"the latest checkpoint, {latest}, is kept" if latest else "no checkpoint was written yet"
+        stopped = "before saving it" if applied else "before that update"
+        skip = "" if applied else "; or set on_nan='skip' (--on-nan skip) to skip such steps"
+        raise NonFiniteLossError(f"{what} at step {self.state.global_step + 1}: training stopped {stopped} "
+                                 f"({kept}). Lower the learning rate or check the data, then resume{skip}")
 
     def train(self, *args: Any, **kwargs: Any):
         self._throughput_mark = None
@@ -433,12 +522,21 @@ class CompositionTrainer(Trainer):
         self._staging_dir = staging
         try:
             super()._save_checkpoint(model, trial)  # model, optimizer, scheduler, RNG, trainer state
+            self._staging_dir = None
+            self.accelerator.wait_for_everyone()  # every process has written its RNG state
+            if self.args.should_save:
+                write_data_state(staging / name, self)
+                publish_directory(staging / name, run_dir / name)
+        except Exception as e:  # disk full, no permission, I/O error: nothing half-written is published
+            if self.args.should_save:
+                shutil.rmtree(staging, ignore_errors=True)
+            latest = latest_checkpoint(run_dir)
+            kept = f"the previous checkpoint, {latest.name}, is intact" if latest else "there is no earlier one"
+            raise CheckpointError(f"could not save {name} in {run_dir}: {e}. Nothing was published and {kept}; "
+                                  "fix the cause (free disk space?) and rerun with resume=True (--resume)") from e
         finally:
             self._staging_dir = None
-        self.accelerator.wait_for_everyone()  # every process has written its RNG state
         if self.args.should_save:
-            write_data_state(staging / name, self)
-            publish_directory(staging / name, run_dir / name)
             shutil.rmtree(staging, ignore_errors=True)
             rotate_checkpoints(str(run_dir), self.args.save_total_limit, self.state.best_model_checkpoint)
         self.accelerator.wait_for_everyone()
@@ -447,9 +545,10 @@ class CompositionTrainer(Trainer):
         """Composition checkpoints hold only `calm.safetensors`; other models load the Trainer's way."""
         target = self.accelerator.unwrap_model(model if model is not None else self.model)
         if isinstance(target, CALMForCausalLM) and not self.is_fsdp_enabled and not self.is_deepspeed_enabled:
-            from .io import load_weights  # safetensors only: nothing is unpickled
+            from .io import WEIGHTS_NAME, load_checked  # safetensors only: nothing is unpickled
 
-            target.composition.load_state_dict(load_weights(resume_from_checkpoint), strict=True)
+            weights = _checkpoint_weights(Path(resume_from_checkpoint))
+            load_checked(target.composition, weights, Path(resume_from_checkpoint) / WEIGHTS_NAME)
             return
         super()._load_from_checkpoint(resume_from_checkpoint, model)
 
@@ -478,13 +577,76 @@ def check_data_state(checkpoint: Path, trainer: Trainer) -> None:
     path = checkpoint / DATA_STATE_FILE
     if not path.is_file():  # e.g. a checkpoint written by a plain Trainer
         return
-    saved, now = json.loads(path.read_text()), data_identity(trainer)
+    saved, now = _read_json_object(path, f"cannot resume from {checkpoint}"), data_identity(trainer)
     for key, value in now.items():
         if key in saved and saved[key] != value:
             raise ValueError(
                 f"cannot resume from {checkpoint}: {key} was {saved[key]!r} and is now {value!r}; the data "
                 "position would not match (use the same data, global batch and seed, or start a new run)"
             )
+
+
+def write_text_atomically(path: Path, text: str) -> None:
+    """Replace `path` with `text` through a temporary file: a crash leaves the old content or the new."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _read_json_object(path: Path, context: str) -> dict[str, Any]:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{context}: {path.name} cannot be read ({e})") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{context}: {path.name} must hold a JSON object")
+    return value
+
+
+def _checkpoint_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """A composition checkpoint's weights, checked against the checksum its calm_config.json records."""
+    from .io import CONFIG_NAME, load_weights
+
+    config_path = checkpoint / CONFIG_NAME
+    config = _read_json_object(config_path, f"cannot resume from {checkpoint}") if config_path.is_file() else {}
+    checksum = config.get("weights_sha256")
+    return load_weights(checkpoint, expected_sha256=checksum if isinstance(checksum, str) else None)
+
+
+def check_checkpoint(checkpoint: Path, model: nn.Module) -> None:
+    """Read everything a resume from `checkpoint` will load, before any of it is loaded: a damaged or unsafe
+    checkpoint is refused with `CheckpointError` (or `ValueError`) and the model stays as it is.
+
+    The trainer state must be a JSON object; a composition's weights must pass their checksum and fit the
+    model; every other `*.pt` / `*.pth` / `*.bin` file the Trainer may load must load with
+    `torch.load(weights_only=True)`, which refuses anything that would run code (nothing is unpickled in
+    full). `training_args.bin` is never read."""
+    from .io import WEIGHTS_NAME, check_weights
+
+    context = f"cannot resume from {checkpoint}"
+    _read_json_object(checkpoint / TRAINER_STATE_FILE, context)
+    if isinstance(model, CALMForCausalLM) and (checkpoint / WEIGHTS_NAME).is_file():
+        try:
+            check_weights(_checkpoint_weights(checkpoint), model.composition, checkpoint / WEIGHTS_NAME)
+        except ValueError as e:
+            raise CheckpointError(f"{context}: {e}") from None
+    for path in sorted(checkpoint.iterdir()):
+        if path.suffix not in (".pt", ".pth", ".bin") or path.name in NEVER_LOADED or not path.is_file():
+            continue
+        try:
+            with safe_globals(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:
+            reason = next((line.strip() for line in str(e).splitlines() if "Unsupported global" in line),
+                          str(e).splitlines()[0] if str(e) else type(e).__name__)
+            raise CheckpointError(
+                f"{context}: {path.name} is not a plain tensor file, so it is not loaded (it would run code, or it "
+                f"is damaged: {reason}). Delete {checkpoint.name} to resume from the checkpoint before it, or "
+                "start over with overwrite=True (--overwrite)") from None
 
 
 def publish_directory(source: Path, target: Path) -> None:
@@ -525,7 +687,7 @@ class MetricsLogger(TrainerCallback):
             return
         resumed_at = state.global_step  # 0 for a fresh run: start an empty file
         kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= resumed_at] if resumed_at else []
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        write_text_atomically(self.path, "".join(json.dumps(r) + "\n" for r in kept))  # a kill keeps the old
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.is_world_process_zero and logs:
@@ -577,8 +739,9 @@ def train(model: nn.Module, tokenizer: PreTrainedTokenizerBase, train_data: Data
     """
     config = config or TrainConfig()
     config.validate()
-    train_set = prepare_dataset(train_data, tokenizer, config)
-    eval_set = prepare_dataset(eval_data, tokenizer, config) if eval_data is not None else None
+    max_length, vocab_size = data_limits(config, model_configs(model))
+    train_set = prepare_dataset(train_data, tokenizer, config, max_length, vocab_size)
+    eval_set = prepare_dataset(eval_data, tokenizer, config, max_length, vocab_size) if eval_data is not None else None
     if not any(p.requires_grad for p in model.parameters()):
         raise ValueError("the model has no parameter with requires_grad=True: nothing to train")
     is_calm = isinstance(model, CALMForCausalLM)
@@ -596,7 +759,7 @@ def train(model: nn.Module, tokenizer: PreTrainedTokenizerBase, train_data: Data
         model=model, args=args, train_dataset=train_set, eval_dataset=eval_set, processing_class=tokenizer,
         data_collator=PaddingCollator(pad_token_id(tokenizer)), augment_cache=cache,
         exact_match=config.exact_match, max_new_tokens=config.max_new_tokens,
-        max_exact_match_examples=config.max_exact_match_examples,
+        max_exact_match_examples=config.max_exact_match_examples, on_nan=config.on_nan,
     )
     extra = [epoch_timer, *([RefreshAugmentCache(cache)] if cache is not None else []), *callbacks]
     _set_callbacks(trainer, config, run_dir, extra)
@@ -605,9 +768,10 @@ def train(model: nn.Module, tokenizer: PreTrainedTokenizerBase, train_data: Data
 
     if resume_from is not None:
         check_data_state(resume_from, trainer)
+        check_checkpoint(resume_from, model)  # before anything is loaded from it
     output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    _save_final_model(trainer, run_dir)  # before the final evaluation: a failure there loses nothing
     eval_metrics = _final_evaluation(trainer) if eval_set is not None else {}
-    _save_final_model(trainer, run_dir)
     if args.should_save and config.plot:
         plot_loss(run_dir / METRICS_FILE, run_dir / PLOT_FILE)
     return _result(trainer, output.metrics, eval_metrics, epoch_timer, resume_from, cache)
@@ -630,7 +794,7 @@ def _result(trainer: CompositionTrainer, train_metrics: dict[str, float], eval_m
         runtime_seconds=runtime, steps_per_second=float(train_metrics.get("train_steps_per_second", 0.0)),
         tokens_per_second=tokens / runtime if runtime else 0.0, epoch_seconds=epoch_timer.seconds,
         resumed_from=str(resume_from) if resume_from else None, world_size=trainer.args.world_size,
-        augment_cache=cache_stats,
+        augment_cache=cache_stats, skipped_steps=trainer.skipped_steps,
     )
 
 
@@ -650,15 +814,41 @@ def _write_run_config(path: Path, config: TrainConfig, train_set: TokenizedDatas
     data = {"train_examples": len(train_set), "train_tokens": train_set.stats["tokens"],
             "train_truncated": train_set.num_truncated, "eval_examples": len(eval_set) if eval_set else 0}
     record = {"train": config.to_dict(), **run_info, "data": {**data, **run_info.get("data", {})}}
-    path.write_text(json.dumps(record, indent=2, default=str) + "\n")
+    write_text_atomically(path, json.dumps(record, indent=2, default=str) + "\n")
 
 
-def prepare_dataset(data: DataSource, tokenizer: PreTrainedTokenizerBase,
-                    config: TrainConfig) -> TokenizedDataset:
-    """Validate and tokenise, unless `data` is tokenised already."""
+def prepare_dataset(data: DataSource, tokenizer: PreTrainedTokenizerBase, config: TrainConfig,
+                    max_length: int | None = None, vocab_size: int | None = None) -> TokenizedDataset:
+    """Validate and tokenise, unless `data` is tokenised already; then check that every example fits the model
+    (`max_length`, default `config.max_length`, and `vocab_size`): nothing that could fail in the middle of
+    training gets past this."""
+    max_length = max_length or config.max_length
     if isinstance(data, TokenizedDataset):
-        return data
-    return tokenize(data, tokenizer, config.max_length, config.loss_on, config.append_eos)
+        dataset = data
+        longest = max((len(row["input_ids"]) for row in dataset.rows), default=0)
+        if longest > max_length:
+            raise DataError(f"{dataset.examples.source}: a tokenised example has {longest} tokens, more than "
+                            f"max_length={max_length} (the models' context or TrainConfig.max_length)")
+    else:
+        dataset = tokenize(data, tokenizer, max_length, config.loss_on, config.append_eos, config.strict_length)
+    if vocab_size is not None:
+        check_token_ids(dataset, vocab_size, pad_token_id(tokenizer))
+    return dataset
+
+
+def data_limits(config: TrainConfig, configs: Sequence[PretrainedConfig]) -> tuple[int, int | None]:
+    """(max_length, vocab_size) the examples must fit: `config.max_length` lowered to the models' context (the
+    smallest `max_position_embeddings`), and the first (anchor) model's vocabulary size."""
+    context = context_length(configs)
+    max_length = config.max_length if context is None else min(config.max_length, context)
+    if max_length < config.max_length:
+        logger.info(f"max_length={config.max_length} is longer than the models' context: examples are limited "
+                    f"to {max_length} tokens")
+    vocab_size = None
+    if configs:
+        text = configs[0].get_text_config(decoder=True)
+        vocab_size = getattr(text, "vocab_size", None)
+    return max_length, vocab_size if isinstance(vocab_size, int) and vocab_size > 0 else None
 
 
 def training_arguments(config: TrainConfig, checkpoints_dir: Path, has_eval: bool) -> TrainingArguments:
@@ -792,7 +982,15 @@ def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
     path = Path(path)
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:  # e.g. the last line of a run killed while writing it
+            logger.warning(f"{path}:{number}: not a JSON record, skipped")
+    return records
 
 
 def plot_loss(metrics_path: str | os.PathLike, png_path: str | os.PathLike) -> Path:
@@ -864,15 +1062,19 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 def run_train(args: argparse.Namespace) -> TrainResult:
     """The `calm train` entry point: check options and data first (cheap, and before any model is loaded),
     then load and compose the base models and train the composition."""
-    from .cli import compose_from_args, load_tokenizer
+    from .cli import compose_from_args, load_base_config, load_tokenizer
 
     config = config_from_args(args)
     train_examples = load_examples(args.train_data)
     eval_examples: ExampleSet | None = load_examples(args.eval_data) if args.eval_data else None
     tokenizer_name = args.tokenizer or args.anchor
     tokenizer = load_tokenizer(tokenizer_name)
-    train_set = prepare_dataset(train_examples, tokenizer, config)
-    eval_set = prepare_dataset(eval_examples, tokenizer, config) if eval_examples is not None else None
+    # The models' configs (no weights yet) say how long examples may be and which token ids exist.
+    max_length, vocab_size = data_limits(config, [load_base_config(name, args)
+                                                  for name in (args.anchor, *args.augment)])
+    train_set = prepare_dataset(train_examples, tokenizer, config, max_length, vocab_size)
+    eval_set = (prepare_dataset(eval_examples, tokenizer, config, max_length, vocab_size)
+                if eval_examples is not None else None)
     set_seed(config.seed)  # the composition's initial weights follow the seed too
     model = compose_from_args(args)
     run_info = {
