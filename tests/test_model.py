@@ -209,3 +209,18 @@ def test_precomputed_augment_states_give_the_same_loss(pair):
         direct = model(input_ids=x, attention_mask=mask, labels=x).loss
         cached = model(input_ids=x, attention_mask=mask, labels=x, augment_states=states).loss
     assert torch.equal(direct, cached)
+
+
+def test_attention_probs_match_the_layer_output(pair):
+    """The inspection helper computes the same attention as the layer itself."""
+    model = calm.compose(*pair, num_connections=1)
+    randomize(model)
+    layer = model.composition[0][0]
+    torch.manual_seed(0)
+    anchor_states, augment_states = torch.randn(1, 6, 32), torch.randn(1, 6, 16)
+    keys, values = layer.keys_values(augment_states)
+    probs = layer.attention_probs(anchor_states, keys)
+    assert torch.allclose(probs.sum(-1), torch.ones(1, layer.num_heads, 6))
+    assert torch.all(probs.triu(1) == 0)  # causal: nothing after the query position
+    mixed = (probs @ values).transpose(1, 2).reshape(1, 6, -1)
+    assert torch.allclose(layer.o(mixed), layer(anchor_states, keys, values, "causal"), atol=1e-5)

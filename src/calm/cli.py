@@ -250,7 +250,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_reproduce(args: argparse.Namespace) -> None:
-    from .experiments.kv_arithmetic import run_from_args
+    from .experiments.kv_reproduce import run_from_args
 
     run_from_args(args)
 

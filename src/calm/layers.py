@@ -45,6 +45,17 @@ class CrossAttention(nn.Module):
         x = self.key_norm(self.proj(augment_states.to(self.proj.weight.dtype)))
         return self._heads(self.k(x)), self._heads(self.v(x))
 
+    def attention_probs(self, anchor_states: torch.Tensor, keys: torch.Tensor,
+                        mask: torch.Tensor | str | None = "causal") -> torch.Tensor:
+        """Attention weights (B, H, T, S) of anchor states over augment positions, for inspection and plots."""
+        query = self._heads(self.q(self.query_norm(anchor_states.to(self.q.weight.dtype))))
+        scores = query @ keys.transpose(-1, -2) / self.head_dim**0.5
+        if mask == "causal":
+            mask = torch.ones(scores.shape[-2:], dtype=torch.bool, device=scores.device).tril()
+        if torch.is_tensor(mask):
+            scores = scores.masked_fill(~mask, float("-inf"))
+        return scores.softmax(-1).nan_to_num(0.0)
+
     def forward(self, anchor_states: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                 mask: torch.Tensor | str | None) -> torch.Tensor:
         """Residual update for anchor states (B, T, D_B). `mask` is a (B, 1, T, S) tensor, True where attention

@@ -1,0 +1,271 @@
+"""`calm reproduce kv-arithmetic`: the paper's Table 1 (plus its Table 4–5 baselines) from scratch on a CPU.
+
+    build the task and the base models     (kv_arithmetic.py: m_A knows D_KV, m_B knows arithmetic)
+    compose m_B with m_A, train on D_C     (calm.compose + calm.train, D_C uses 20% of the keys)
+    baselines on the same D_C and budget   (LoRA on m_B with as many parameters, m_B fully fine-tuned)
+    ablations (--ablations)                (vanilla m_A, random m_A, m_A reading the prompt only)
+    evaluate everything, write the report  (results.md/.json, learning_curves.png, attention.png)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import PreTrainedModel, PreTrainedTokenizerFast
+
+import calm
+from calm.experiments.kv_arithmetic import (
+    BaseModelPaths,
+    ExperimentConfig,
+    build_task,
+    evaluate_models,
+    load_eval_sets,
+    load_frozen,
+    set_threads,
+    train_base_models,
+)
+from calm.tasks.kv_arithmetic import read_jsonl
+from calm.train import METRICS_FILE, TrainConfig, read_metrics, train
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+EVAL_SETS = ("kv_substitution", "numeric_arithmetic", "kv_arithmetic_seen", "kv_arithmetic_unseen")
+
+
+@dataclass
+class CompositionSpec:
+    """How every model trained on D_C is trained: one budget for CALM and the baselines alike."""
+
+    every: int = 1  # tap every m_A block (the paper: every 4th of a much deeper m_A)
+    num_heads: int = 4
+    epochs: float = 2.0
+    batch_size: int = 32
+    lr: float = 1e-3  # composition layers and LoRA adapters
+    full_finetune_lr: float = 1e-4  # every weight of m_B moves: a smaller step
+
+    @classmethod
+    def quick(cls) -> CompositionSpec:
+        return cls(num_heads=2, epochs=1.0, batch_size=16)
+
+
+# ------------------------------------------------------------------------------------------ training on D_C
+
+
+def compose(anchor_path: Path, augment: PreTrainedModel, spec: CompositionSpec, mode: str) -> calm.CALMForCausalLM:
+    return calm.compose(load_frozen(anchor_path), augment, every=spec.every, num_heads=spec.num_heads,
+                        augment_mode=mode)
+
+
+def lora_model(anchor_path: Path, target_params: int) -> tuple[PreTrainedModel, int]:
+    """m_B with LoRA on every attention and MLP projection, its rank chosen so that its trainable parameter
+    count is the closest to `target_params` (each adapted d_in×d_out matrix adds r·(d_in + d_out))."""
+    anchor = load_frozen(anchor_path)
+    per_rank = sum(m.in_features + m.out_features for name, m in anchor.named_modules()
+                   if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in LORA_TARGETS)
+    rank = max(1, round(target_params / per_rank))
+    model = get_peft_model(anchor, LoraConfig(r=rank, lora_alpha=rank, target_modules=list(LORA_TARGETS),
+                                              lora_dropout=0.0))
+    return model, rank
+
+
+def fully_trainable(anchor_path: Path) -> PreTrainedModel:
+    model = load_frozen(anchor_path)
+    model.requires_grad_(True)
+    return model
+
+
+def train_on_d_c(model: PreTrainedModel, tokenizer, d_c: list[dict], out_dir: Path, spec: CompositionSpec,
+                 lr: float, seed: int) -> dict:
+    """Train whatever in `model` requires grad on D_C; return time and parameter counts."""
+    config = TrainConfig(output_dir=str(out_dir), num_epochs=spec.epochs, batch_size=spec.batch_size,
+                         learning_rate=lr, warmup_steps=0.05, save_steps=0, logging_steps=10, exact_match=False,
+                         overwrite=True, seed=seed, cache_augment_states=isinstance(model, calm.CALMForCausalLM),
+                         plot=False, tensorboard=False)
+    start = time.perf_counter()
+    result = train(model, tokenizer, d_c, config=config)
+    model.eval()
+    return {"seconds": time.perf_counter() - start, "steps": result.global_step,
+            "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+
+
+# --------------------------------------------------------------------------------------------- the run
+
+
+@dataclass
+class ReproductionResult:
+    table: dict[str, dict[str, float]]  # row -> eval set -> exact match (%)
+    runs: dict[str, dict]  # row -> time, steps, parameter counts
+    seed: int
+    seconds: float
+    settings: dict = field(default_factory=dict)
+
+
+def reproduce(out_dir: Path, seed: int = 0, quick: bool = False, ablations: bool = False) -> ReproductionResult:
+    """Run the whole reproduction into `out_dir` and return its table."""
+    cfg = ExperimentConfig.quick() if quick else ExperimentConfig()
+    cfg.task.seed = seed
+    for train_spec in (cfg.m_a_train, cfg.m_b_train, cfg.vanilla_train):
+        train_spec.seed = seed
+    spec = CompositionSpec.quick() if quick else CompositionSpec()
+    set_threads(cfg)
+    start = time.perf_counter()
+    task = build_task(cfg, out_dir)
+    paths = train_base_models(cfg, out_dir, task)
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(paths.tokenizer)
+    d_c = read_jsonl(out_dir / "data" / "composition_train.jsonl")
+    eval_sets = {name: examples for name, examples in load_eval_sets(out_dir).items() if name in EVAL_SETS}
+
+    models: dict[str, PreTrainedModel] = {"m_A": load_frozen(paths.m_a), "m_B": load_frozen(paths.m_b)}
+    runs: dict[str, dict] = {name: {"seconds": paths.train_seconds[key]} for name, key in
+                             (("m_A", "m_a"), ("m_B", "m_b"))}
+    runs_dir = out_dir / "runs"
+
+    def add(name: str, model: PreTrainedModel, lr: float) -> None:
+        runs[name] = train_on_d_c(model, tokenizer, d_c, runs_dir / slug(name), spec, lr, seed)
+        models[name] = model
+
+    add("CALM", compose(paths.m_b, load_frozen(paths.m_a), spec, "iterative"), spec.lr)
+    lora, rank = lora_model(paths.m_b, runs["CALM"]["trainable_params"])
+    add("m_B + LoRA", lora, spec.lr)
+    runs["m_B + LoRA"]["rank"] = rank
+    add("m_B fine-tuned", fully_trainable(paths.m_b), spec.full_finetune_lr)
+    if ablations:
+        add("CALM, vanilla m_A", compose(paths.m_b, load_frozen(paths.m_a_vanilla), spec, "iterative"), spec.lr)
+        add("CALM, random m_A", compose(paths.m_b, load_frozen(paths.m_a_random), spec, "iterative"), spec.lr)
+        add("CALM, m_A on prompt only", compose(paths.m_b, load_frozen(paths.m_a), spec, "prompt"), spec.lr)
+
+    table = evaluate_models(models, tokenizer, eval_sets, batch_size=cfg.eval_batch_size)
+    result = ReproductionResult(table=table, runs=runs, seed=seed, seconds=time.perf_counter() - start,
+                                settings=settings(cfg, spec, paths, models["CALM"]))
+    write_report(out_dir, result)
+    plot_learning_curves(out_dir, runs_dir, [n for n in runs if (runs_dir / slug(n) / METRICS_FILE).is_file()])
+    plot_attention(out_dir / "attention.png", models["CALM"], tokenizer, eval_sets["kv_arithmetic_unseen"][0])
+    return result
+
+
+def slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in name.lower()).strip("_")
+
+
+def settings(cfg: ExperimentConfig, spec: CompositionSpec, paths: BaseModelPaths, model) -> dict:
+    return {"experiment": cfg.to_dict(), "composition": asdict(spec), "connections": model.config.connections,
+            "d_c_tasks": list(cfg.task.composition_tasks), "torch_threads": torch.get_num_threads(),
+            "machine": f"{platform.machine()}, torch {torch.__version__}"}
+
+
+# ------------------------------------------------------------------------------------------------ report
+
+COLUMNS = {"kv_substitution": "KV-Substitution", "numeric_arithmetic": "Numeric-Arithmetic",
+           "kv_arithmetic_seen": "KV-Arith (D_C keys)", "kv_arithmetic_unseen": "KV-Arith (held-out keys)"}
+
+
+def markdown_table(result: ReproductionResult) -> str:
+    sets = [s for s in COLUMNS if s in next(iter(result.table.values()))]
+    lines = ["| model | " + " | ".join(COLUMNS[s] for s in sets) + " | trainable params | train time |",
+             "|---|" + "---:|" * (len(sets) + 2)]
+    for name, row in result.table.items():
+        run = result.runs.get(name, {})
+        params = f"{run['trainable_params']:,}" if "trainable_params" in run else "—"
+        if "rank" in run:
+            params += f" (rank {run['rank']})"
+        seconds = f"{run['seconds']:.0f} s" if "seconds" in run else "—"
+        lines.append(f"| {name} | " + " | ".join(f"{row[s]:.1f}" for s in sets) + f" | {params} | {seconds} |")
+    return "\n".join(lines)
+
+
+def write_report(out_dir: Path, result: ReproductionResult) -> None:
+    (out_dir / "results.json").write_text(json.dumps(asdict(result), indent=2))
+    tasks = " + ".join(result.settings["d_c_tasks"])
+    text = (f"# Key-value arithmetic (CALM Table 1), seed {result.seed}\n\n{markdown_table(result)}\n\n"
+            f"Exact match (%) of greedy completions on held-out expressions. D_C: {tasks} over 20% of the keys. "
+            f"Connections (m_A block, m_B block): {result.settings['connections']}. "
+            f"Total time {result.seconds / 60:.1f} min.\n")
+    (out_dir / "results.md").write_text(text)
+
+
+def plot_learning_curves(out_dir: Path, runs_dir: Path, names: list[str]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name in names:
+        points = [(r["step"], r["loss"]) for r in read_metrics(runs_dir / slug(name) / METRICS_FILE) if "loss" in r]
+        if points:
+            ax.plot(*zip(*points), label=name)
+    ax.set(xlabel="optimizer step", ylabel="training loss on D_C", yscale="log", title="Learning curves on D_C")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_dir / "learning_curves.png", dpi=120)
+    plt.close(fig)
+
+
+@torch.no_grad()
+def attention_map(model: calm.CALMForCausalLM, tokenizer, example: dict) -> tuple[torch.Tensor, list[str]]:
+    """Cross-attention of the last connection (mean over heads) of every anchor position over m_A's positions,
+    for the prompt followed by the expected completion."""
+    text_ids = tokenizer(example["prompt"])["input_ids"] + tokenizer(example["completion"],
+                                                                     add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([text_ids])
+    layer = model.composition[0][-1]
+    seen = {}
+    handle = layer.register_forward_hook(lambda m, args, out: seen.update(args=args))
+    model(input_ids=ids)
+    handle.remove()
+    anchor_states, keys, _, _ = seen["args"]
+    probs = layer.attention_probs(anchor_states, keys)
+    return probs[0].mean(0), tokenizer.convert_ids_to_tokens(text_ids)
+
+
+def plot_attention(path: Path, model: calm.CALMForCausalLM, tokenizer, example: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    probs, tokens = attention_map(model, tokenizer, example)
+    fig, ax = plt.subplots(figsize=(6, 6))
+    ax.imshow(probs.numpy(), cmap="viridis")
+    ax.set_xticks(range(len(tokens)), tokens, fontsize=7)
+    ax.set_yticks(range(len(tokens)), tokens, fontsize=7)
+    ax.set(xlabel="m_A position (key)", ylabel="m_B position (query)",
+           title=f"Cross-attention, last connection: {example['prompt']}{example['completion']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------------------------------- CLI
+
+
+def run_from_args(args: argparse.Namespace) -> None:
+    """`calm reproduce kv-arithmetic [--quick] [--ablations] [--seed N] [--output-dir DIR]`."""
+    out_dir = Path(args.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    result = reproduce(out_dir, seed=args.seed, quick=args.quick, ablations=args.ablations)
+    print(markdown_table(result))
+    print(f"\nwritten to {out_dir}/results.md (and .json, learning_curves.png, attention.png) "
+          f"in {result.seconds / 60:.1f} min")
+
+
+def summarize_seeds(result_files: list[Path]) -> str:
+    """Mean ± std over several seeds' results.json, as a markdown table."""
+    tables = [json.loads(p.read_text())["table"] for p in result_files]
+    lines = ["| model | " + " | ".join(COLUMNS[s] for s in EVAL_SETS) + " |", "|---|" + "---:|" * len(EVAL_SETS)]
+    for name in tables[0]:
+        cells = []
+        for s in EVAL_SETS:
+            xs = [t[name][s] for t in tables]
+            mean = sum(xs) / len(xs)
+            std = math.sqrt(sum((x - mean) ** 2 for x in xs) / max(1, len(xs) - 1))
+            cells.append(f"{mean:.1f} ± {std:.1f}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
