@@ -1,26 +1,25 @@
-"""Generation cost: composed vs its parts, and cached vs uncached (issue 3 / BENCHMARKS.md §4).
+"""Generation cost (BENCHMARKS.md §4): per-token latency of the composed model against the anchor and the
+augment each generating with its own cache, and cached against uncached composed generation.
 
     .venv/bin/python benchmarks/generation.py [--pair small] [--new-tokens 256]
 """
 
 from __future__ import annotations
 
-import argparse
 import json
+import statistics
 
 import torch
-from common import interleaved, machine, pair
+from common import Ratios, interleaved, machine, pair, parse, parser, rounds
 
 import calm
 
 
-def main() -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--pair", default="small", choices=["small", "tiny"])
-    parser.add_argument("--new-tokens", type=int, default=256)
-    parser.add_argument("--prompt-tokens", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args()
+def main(argv: list[str] | None = None) -> dict:
+    p = parser(__doc__, repeats=3)
+    p.add_argument("--new-tokens", type=int, default=256)
+    p.add_argument("--prompt-tokens", type=int, default=32)
+    args = parse(p, argv)
 
     anchor, augment = pair(args.pair)
     model = calm.compose(anchor, augment, every=2, init="paper")  # the augment is tapped up to its last block
@@ -32,15 +31,23 @@ def main() -> dict:
     def run(m, use_cache=True):
         return lambda: m.generate(prompt, attention_mask=torch.ones_like(prompt), use_cache=use_cache, **common)
 
-    t = interleaved({"composed": run(model), "anchor": run(anchor), "augment": run(augment)}, args.repeats)
-    uncached = interleaved({"composed_uncached": run(model, use_cache=False), "composed": run(model)}, 1)
-    parts = t["anchor"] + t["augment"]
+    times = rounds({"composed": run(model), "anchor": run(anchor), "augment": run(augment)}, args.repeats)
+    t, ratio = {k: statistics.median(v) for k, v in times.items()}, Ratios(times)
+    # Uncached generation is slow (quadratic): once each, after the warm-up above. The anchor's own speed-up
+    # shows how much of the composed one is set by the machine and the model size rather than the composition.
+    uncached = interleaved({"composed_uncached": run(model, use_cache=False), "composed": run(model),
+                            "anchor_uncached": run(anchor, use_cache=False), "anchor": run(anchor)}, 1,
+                           warmup=False)
     result = {
-        "machine": machine(), "pair": args.pair, "new_tokens": n, "connections": model.config.connections,
+        "machine": machine(), "pair": args.pair, "new_tokens": n, "prompt_tokens": args.prompt_tokens,
+        "repeats": args.repeats, "connections": model.config.connections,
         "ms_per_token": {k: 1000 * v / n for k, v in t.items()},
-        "composed_over_anchor_plus_augment": t["composed"] / parts,
-        "composed_over_anchor": t["composed"] / t["anchor"],
+        "composed_over_anchor_plus_augment": ratio("composed_over_anchor_plus_augment", ["composed"],
+                                                   ["anchor", "augment"]),
+        "composed_over_anchor": ratio("composed_over_anchor", ["composed"], ["anchor"]),
         "cached_speedup": uncached["composed_uncached"] / uncached["composed"],
+        "anchor_cached_speedup": uncached["anchor_uncached"] / uncached["anchor"],
+        "ranges": ratio.ranges,
     }
     print(json.dumps(result, indent=2))
     return result
