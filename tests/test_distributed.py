@@ -22,14 +22,6 @@ pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_availa
                                 reason="torch.distributed with gloo is not available")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
     assets = make_assets(tmp_path, num_examples=16)
     # 16 examples / global batch 4: steps 5-6 are a second epoch, served from the augment-state cache.

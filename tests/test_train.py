@@ -34,15 +34,6 @@ from calm.train import (
 WORKER = Path(__file__).parent / "train_worker.py"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: tiny models gain nothing from more, and a busy machine makes OpenMP spin badly."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def tok():
     return char_tokenizer()
