@@ -31,6 +31,7 @@ from calm.experiments.kv_arithmetic import (
     load_frozen,
     set_threads,
     train_base_models,
+    with_seed,
 )
 from calm.tasks.kv_arithmetic import read_jsonl
 from calm.train import METRICS_FILE, TrainConfig, read_metrics, train
@@ -109,10 +110,7 @@ class ReproductionResult:
 
 def reproduce(out_dir: Path, seed: int = 0, quick: bool = False, ablations: bool = False) -> ReproductionResult:
     """Run the whole reproduction into `out_dir` and return its table."""
-    cfg = ExperimentConfig.quick() if quick else ExperimentConfig()
-    cfg.task.seed = seed
-    for train_spec in (cfg.m_a_train, cfg.m_b_train, cfg.vanilla_train):
-        train_spec.seed = seed
+    cfg = with_seed(ExperimentConfig.quick() if quick else ExperimentConfig(), seed)
     spec = CompositionSpec.quick() if quick else CompositionSpec()
     set_threads(cfg)
     start = time.perf_counter()

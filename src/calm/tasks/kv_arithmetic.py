@@ -36,20 +36,33 @@ class KVConfig:
     """Every choice of the key-value arithmetic data; the paper's value is noted where it gives one."""
 
     seed: int = 0
-    num_keys: int = 200  # paper: 25_000
+    # D_KV. Values are a permutation of [value_min, value_max], as in the paper. Two-digit values keep
+    # m_B's arithmetic learnable within a CPU budget (three-digit values were ~10x slower to learn).
+    num_keys: int = 99  # paper: 25_000
     key_len_min: int = 2  # paper: 2
     key_len_max: int = 6  # paper: 6
     value_min: int = 1  # paper: 1
-    value_max: int = 200  # paper: 25_000; values are unique, so value_max - value_min + 1 >= num_keys
+    value_max: int = 99  # paper: 25_000; values are unique, so value_max - value_min + 1 >= num_keys
+    # Expressions. Two operands: a 4-layer m_B learns "a±b" in ~1500 steps; "a±b±c" took >3000 steps.
     operands_min: int = 2  # paper: 3
-    operands_max: int = 3  # paper: 6
+    operands_max: int = 2  # paper: 6
     operators: str = "+-"  # paper: "+-*" (× is written '*'); '*' binds tighter, as usual
+    # Not in the paper: write every number with a fixed number of digits ("07+20=" -> "+027"), so digit i
+    # of every operand and of the result sits at a fixed offset; the numbers themselves are unchanged.
+    # False gives the paper's plain "7+20=27".
+    fixed_width_numbers: bool = True
+    # Not in the paper: write results' digits least significant first ("+127" -> "+721"), the order in
+    # which carries are computed (Lee et al. 2023). Off: in a short trial with signed results it did not
+    # speed learning up.
+    reversed_results: bool = False
     seen_fraction: float = 0.2  # paper: 0.2 -- D_C only uses keys from this fraction of D_KV
     substitution_marker: str = ":"  # not in the paper (its tasks are separate prompts)
     arithmetic_marker: str = "="  # not in the paper
-    num_composition_examples: int = 4000  # size of D_C in expressions; paper: not stated
+    # D_C size in expressions, each giving one example per composition task; paper: not stated. With 20
+    # seen keys and two operands there are 20*20*2 = 800 expressions: 500 for D_C, 300 held out.
+    num_composition_examples: int = 500
     composition_tasks: tuple[str, ...] = ("kv_arithmetic", "kv_substitution")  # tasks each D_C expression gives
-    num_eval: int = 500  # examples per held-out evaluation set; paper: not stated
+    num_eval: int = 300  # examples per held-out evaluation set; paper: not stated
 
     def __post_init__(self) -> None:
         if self.value_max - self.value_min + 1 < self.num_keys:
@@ -67,7 +80,7 @@ class KVConfig:
     @classmethod
     def quick(cls) -> KVConfig:
         """A tiny setting for smoke tests: every code path, no accuracy to speak of."""
-        return cls(num_keys=40, value_max=60, num_composition_examples=200, num_eval=64)
+        return cls(num_keys=40, value_max=60, num_composition_examples=60, num_eval=32)
 
 
 @dataclass(frozen=True)
@@ -94,6 +107,33 @@ def evaluate_numeric(values: list[int], ops: tuple[str, ...]) -> int:
     return sum(s * t for s, t in zip(signs, terms))
 
 
+@dataclass(frozen=True)
+class NumberFormat:
+    """How values and results are written: plain ("7", "-12") or fixed width ("007", "-0012")."""
+
+    value_width: int = 0  # 0: plain
+    result_width: int = 0  # digits after the sign, which is then always written
+    reversed_results: bool = False  # digits of results least significant first (the sign stays first)
+
+    @classmethod
+    def for_config(cls, cfg: KVConfig) -> NumberFormat:
+        if not cfg.fixed_width_numbers:
+            return cls(reversed_results=cfg.reversed_results)
+        largest = cfg.value_max * cfg.operands_max  # bounds |a ± b ± ...|; products can be larger
+        if "*" in cfg.operators:
+            largest = max(largest, cfg.value_max**cfg.operands_max)
+        return cls(value_width=len(str(cfg.value_max)), result_width=len(str(largest)),
+                   reversed_results=cfg.reversed_results)
+
+    def value(self, v: int) -> str:
+        return str(v).zfill(self.value_width)
+
+    def result(self, r: int) -> str:
+        digits = str(abs(r)).zfill(self.result_width)
+        sign = "-" if r < 0 else ("+" if self.result_width else "")
+        return sign + (digits[::-1] if self.reversed_results else digits)
+
+
 @dataclass
 class KVData:
     """D_KV plus the seen/unseen split of its keys."""
@@ -102,17 +142,21 @@ class KVData:
     seen_keys: list[str]  # the keys D_C may use (paper: 20%)
     unseen_keys: list[str]  # the rest; only ever appear in evaluation of the composed model
     markers: dict[str, str] = field(default_factory=lambda: {"substitution": ":", "arithmetic": "="})
+    numbers: NumberFormat = field(default_factory=NumberFormat)
 
     def kv_substitution(self, e: Expression) -> Example:
-        return {"prompt": e.render(e.keys) + self.markers["substitution"],
-                "completion": e.render(str(self.table[k]) for k in e.keys)}
+        return {"prompt": e.render(e.keys) + self.markers["substitution"], "completion": self._values(e)}
 
     def numeric_arithmetic(self, e: Expression) -> Example:
-        return {"prompt": e.render(str(self.table[k]) for k in e.keys) + self.markers["arithmetic"],
-                "completion": str(self.result(e))}
+        return {"prompt": self._values(e) + self.markers["arithmetic"],
+                "completion": self.numbers.result(self.result(e))}
 
     def kv_arithmetic(self, e: Expression) -> Example:
-        return {"prompt": e.render(e.keys) + self.markers["arithmetic"], "completion": str(self.result(e))}
+        return {"prompt": e.render(e.keys) + self.markers["arithmetic"],
+                "completion": self.numbers.result(self.result(e))}
+
+    def _values(self, e: Expression) -> str:
+        return e.render(self.numbers.value(self.table[k]) for k in e.keys)
 
     def result(self, e: Expression) -> int:
         return evaluate_numeric([self.table[k] for k in e.keys], e.ops)
@@ -147,7 +191,11 @@ def make_kv_data(cfg: KVConfig, seed: int | None = None, avoid_keys: set[str] = 
     values = rng.sample(range(cfg.value_min, cfg.value_max + 1), cfg.num_keys)
     num_seen = max(1, round(cfg.seen_fraction * cfg.num_keys))
     return KVData(table=dict(zip(keys, values)), seen_keys=keys[:num_seen], unseen_keys=keys[num_seen:],
-                  markers={"substitution": cfg.substitution_marker, "arithmetic": cfg.arithmetic_marker})
+                  markers=_markers(cfg), numbers=NumberFormat.for_config(cfg))
+
+
+def _markers(cfg: KVConfig) -> dict[str, str]:
+    return {"substitution": cfg.substitution_marker, "arithmetic": cfg.arithmetic_marker}
 
 
 def random_expression(rng: random.Random, keys: list[str], cfg: KVConfig) -> Expression:
@@ -172,11 +220,11 @@ def distinct_expressions(
 
 
 def numeric_table(cfg: KVConfig) -> KVData:
-    """A 'table' mapping each value's decimal string to itself, so Numeric-Arithmetic over *any* operand in
-    [value_min, value_max] uses the same machinery (m_B must learn arithmetic, not D_KV's values)."""
+    """A 'table' mapping each number in [value_min, value_max] to itself, so Numeric-Arithmetic over *any*
+    operands in that range uses the same machinery (m_B must learn arithmetic, not D_KV's values)."""
     numbers = [str(v) for v in range(cfg.value_min, cfg.value_max + 1)]
     return KVData(table={s: int(s) for s in numbers}, seen_keys=numbers, unseen_keys=[],
-                  markers={"substitution": cfg.substitution_marker, "arithmetic": cfg.arithmetic_marker})
+                  markers=_markers(cfg), numbers=NumberFormat.for_config(cfg))
 
 
 @dataclass

@@ -1,0 +1,242 @@
+"""Key-value arithmetic task: data, splits, tokenizer, collation, exact-match evaluation (fast)."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+try:
+    import calm  # noqa: F401
+except ImportError:  # running from a checkout without `pip install -e .`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from transformers import PreTrainedTokenizerFast
+
+from calm.experiments.kv_arithmetic import (
+    ExperimentConfig,
+    ModelSpec,
+    TrainSpec,
+    build_task,
+    collate,
+    evaluate_exact_match,
+    load_eval_sets,
+    load_frozen,
+    make_llama,
+    train_base_models,
+)
+from calm.tasks.kv_arithmetic import (
+    Expression,
+    KVConfig,
+    NumberFormat,
+    build_tokenizer,
+    evaluate_numeric,
+    example_stream,
+    make_kv_data,
+    make_splits,
+    numeric_table,
+    read_jsonl,
+    write_jsonl,
+)
+
+CFG = KVConfig.quick()
+
+
+@pytest.fixture(scope="module")
+def data():
+    return make_kv_data(CFG)
+
+
+@pytest.fixture(scope="module")
+def splits(data):
+    return make_splits(CFG, data)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tokenizer(CFG)
+
+
+def _keys_of(prompt: str) -> list[str]:
+    return prompt[:-1].replace("-", "+").replace("*", "+").split("+")
+
+
+def test_d_kv_keys_and_values(data):
+    keys = data.all_keys
+    assert len(keys) == len(set(keys)) == CFG.num_keys
+    assert all(CFG.key_len_min <= len(k) <= CFG.key_len_max and k.isalpha() and k.islower() for k in keys)
+    values = list(data.table.values())
+    assert len(set(values)) == len(values)
+    assert all(CFG.value_min <= v <= CFG.value_max for v in values)
+    assert len(data.seen_keys) == round(CFG.seen_fraction * CFG.num_keys)
+    assert make_kv_data(CFG).table == data.table  # seeded
+    assert make_kv_data(replace(CFG, seed=1)).table != data.table
+
+
+def test_config_rejects_impossible_settings():
+    with pytest.raises(ValueError, match="unique values"):
+        KVConfig(num_keys=100, value_min=1, value_max=50)
+    with pytest.raises(ValueError, match="operators"):
+        KVConfig(operators="+/")
+    with pytest.raises(ValueError, match="composition tasks"):
+        KVConfig(composition_tasks=("kv_division",))
+
+
+@pytest.mark.parametrize("fixed_width", [False, True])
+def test_three_task_formats(fixed_width):
+    data = make_kv_data(replace(CFG, fixed_width_numbers=fixed_width))
+    k1, k2, k3 = data.all_keys[:3]
+    data.table.update({k1: 10, k2: 7, k3: 24})
+    e = Expression(keys=(k1, k2, k3), ops=("+", "-"))
+    values, result = ("10+07-24", "-007") if fixed_width else ("10+7-24", "-7")  # quick(): values <= 60
+    assert data.kv_substitution(e) == {"prompt": f"{k1}+{k2}-{k3}:", "completion": values}
+    assert data.numeric_arithmetic(e) == {"prompt": f"{values}=", "completion": result}
+    assert data.kv_arithmetic(e) == {"prompt": f"{k1}+{k2}-{k3}=", "completion": result}
+
+
+def test_fixed_width_numbers_cover_every_result():
+    fmt = NumberFormat.for_config(KVConfig(value_max=200, operands_max=3))
+    assert (fmt.value(7), fmt.value(200), fmt.result(600), fmt.result(-5)) == ("007", "200", "+600", "-005")
+    fmt = NumberFormat.for_config(KVConfig(value_max=20, operands_max=3, operators="+*", num_keys=20))
+    assert fmt.result(20 * 20 * 20) == "+8000"
+    assert NumberFormat(value_width=2, result_width=3, reversed_results=True).result(-127) == "-721"
+    assert NumberFormat().result(-7) == "-7" and NumberFormat().value(7) == "7"  # the paper's plain numbers
+
+
+def test_numeric_evaluation_uses_usual_precedence():
+    assert evaluate_numeric([10, 22, 24], ("+", "-")) == 8
+    assert evaluate_numeric([2, 3, 4], ("+", "*")) == 14
+    assert evaluate_numeric([2, 3, 4, 5], ("*", "-", "*")) == -14
+    assert evaluate_numeric([7], ()) == 7
+
+
+def test_composition_data_uses_only_seen_keys(data, splits):
+    seen = set(data.seen_keys)
+    kv_prompts = [ex["prompt"] for ex in splits.composition_train]
+    assert len(kv_prompts) == CFG.num_composition_examples * len(CFG.composition_tasks)
+    assert all(set(_keys_of(p)) <= seen for p in kv_prompts)
+    markers = {p[-1] for p in kv_prompts}
+    assert markers == {CFG.substitution_marker, CFG.arithmetic_marker}
+
+
+def test_eval_sets_are_held_out_and_split_by_keys(data, splits):
+    seen, unseen = set(data.seen_keys), set(data.unseen_keys)
+    d_c_prompts = {ex["prompt"][:-1] for ex in splits.composition_train}
+    ev = splits.eval_sets
+    assert set(ev) == {"kv_substitution", "numeric_arithmetic", "kv_arithmetic_seen", "kv_arithmetic_unseen"}
+    assert all(len(v) == CFG.num_eval for v in ev.values())
+    assert all(set(_keys_of(ex["prompt"])) <= seen for ex in ev["kv_arithmetic_seen"])
+    assert not {ex["prompt"][:-1] for ex in ev["kv_arithmetic_seen"]} & d_c_prompts
+    assert all(set(_keys_of(ex["prompt"])) <= unseen for ex in ev["kv_arithmetic_unseen"])
+    assert not {ex["prompt"][:-1] for ex in ev["kv_substitution"]} & d_c_prompts
+    assert all(ex["prompt"].endswith(CFG.substitution_marker) for ex in ev["kv_substitution"])
+    assert all(ex["prompt"][0].isdigit() for ex in ev["numeric_arithmetic"])
+
+
+def test_training_streams_skip_held_out_prompts(data, splits):
+    held_out = splits.eval_sets["kv_substitution"]
+    stream = example_stream(CFG, data, "kv_substitution", seed=0, held_out=held_out)
+    drawn = [next(stream) for _ in range(3000)]
+    assert not {ex["prompt"] for ex in drawn} & {ex["prompt"] for ex in held_out}
+    numeric = [next(example_stream(CFG, numeric_table(CFG), "numeric_arithmetic", seed=0)) for _ in range(5)]
+    assert all(not any(c.isalpha() for c in ex["prompt"]) for ex in numeric)
+
+
+def test_tokenizer_is_character_level_and_round_trips(tokenizer, splits, tmp_path):
+    ids = tokenizer("ab+12=")["input_ids"]
+    assert ids[0] == tokenizer.bos_token_id and len(ids) == 7
+    assert tokenizer.decode(ids, skip_special_tokens=True) == "ab+12="
+    every_char = {c for exs in splits.eval_sets.values() for ex in exs for c in ex["prompt"] + ex["completion"]}
+    assert tokenizer.unk_token_id not in tokenizer("".join(sorted(every_char)))["input_ids"]
+    tokenizer.save_pretrained(tmp_path)
+    loaded = PreTrainedTokenizerFast.from_pretrained(tmp_path)
+    assert loaded("xyz-9:")["input_ids"] == tokenizer("xyz-9:")["input_ids"]
+    assert (loaded.pad_token_id, loaded.eos_token_id) == (tokenizer.pad_token_id, tokenizer.eos_token_id)
+
+
+def test_collate_labels_only_the_completion_and_eos(tokenizer):
+    batch = collate([{"prompt": "ab:", "completion": "12"}, {"prompt": "abcd+e:", "completion": "3+4"}], tokenizer)
+    eos = tokenizer.eos_token_id
+    first_labels = batch["labels"][0].tolist()
+    # BOS a b : | 1 2 EOS | padding
+    assert first_labels[:4] == [-100] * 4
+    assert first_labels[4:7] == tokenizer("12", add_special_tokens=False)["input_ids"] + [eos]
+    assert set(first_labels[7:]) == {-100}
+    assert batch["attention_mask"][0].tolist() == [1] * 7 + [0] * (batch["input_ids"].shape[1] - 7)
+    assert batch["labels"][1].tolist()[-1] == eos
+
+
+def test_jsonl_round_trip(splits, tmp_path):
+    path = write_jsonl(splits.eval_sets["kv_arithmetic_unseen"], tmp_path / "x" / "e.jsonl")
+    assert read_jsonl(path) == splits.eval_sets["kv_arithmetic_unseen"]
+
+
+class _OracleModel:
+    """Stands in for a model with `generate`: answers from a lookup table, wrong on purpose for some."""
+
+    training = False
+    device = torch.device("cpu")
+
+    def __init__(self, tokenizer, answers: dict[str, str]):
+        self.tokenizer, self.answers = tokenizer, answers
+
+    def eval(self):
+        return self
+
+    def train(self, mode: bool = True):
+        return self
+
+    def generate(self, input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id, **_):
+        rows = []
+        for ids in input_ids.tolist():
+            prompt = self.tokenizer.decode(ids, skip_special_tokens=True)
+            new = self.tokenizer(self.answers[prompt], add_special_tokens=False)["input_ids"] + [eos_token_id]
+            rows.append(ids + (new + [pad_token_id] * max_new_tokens)[:max_new_tokens])
+        return torch.tensor(rows)
+
+
+def test_exact_match_counts_only_completions_ending_in_eos(tokenizer):
+    examples = [{"prompt": "ab+c=", "completion": "12"}, {"prompt": "abcdef-g=", "completion": "-3"},
+                {"prompt": "x=", "completion": "5"}, {"prompt": "y+z=", "completion": "41"}]
+    answers = {"ab+c=": "12", "abcdef-g=": "-3", "x=": "55", "y+z=": "4111"}  # last: no room left for EOS
+    model = _OracleModel(tokenizer, answers)
+    result = evaluate_exact_match(model, tokenizer, examples, batch_size=3)
+    assert result.predictions == ["12", "-3", "55", ""]
+    assert result.accuracy == 0.5
+    assert tokenizer.padding_side == "left"
+
+
+def test_left_padded_batches_decode_like_single_examples(tokenizer, splits):
+    torch.manual_seed(0)
+    model = make_llama(ModelSpec(2, 32, 2, 64), tokenizer, seed=0)
+    examples = splits.eval_sets["kv_arithmetic_unseen"][:12]  # prompts of different lengths
+    batched = evaluate_exact_match(model, tokenizer, examples, max_new_tokens=6, batch_size=12)
+    single = evaluate_exact_match(model, tokenizer, examples, max_new_tokens=6, batch_size=1)
+    assert batched.predictions == single.predictions
+
+
+def test_quick_pipeline_writes_task_and_frozen_models(tmp_path):
+    cfg = ExperimentConfig.quick()
+    few = TrainSpec(steps=3, batch_size=8, lr=1e-3, warmup_steps=1)
+    cfg = replace(cfg, m_a_train=few, m_b_train=few, vanilla_train=few)
+    paths = train_base_models(cfg, tmp_path)
+    assert set(load_eval_sets(tmp_path)) == set(make_splits(cfg.task, make_kv_data(cfg.task)).eval_sets)
+    assert len(read_jsonl(tmp_path / "data" / "composition_train.jsonl")) > 0
+    m_a, m_b = load_frozen(paths.m_a), load_frozen(paths.m_b)
+    assert m_a.config.hidden_size == cfg.m_a.hidden_size and m_b.config.hidden_size == cfg.m_b.hidden_size
+    assert not any(p.requires_grad for p in m_a.parameters())
+    random_init = load_frozen(paths.m_a_random)
+    assert not torch.equal(random_init.lm_head.weight, m_a.lm_head.weight)  # m_A was trained, the init was not
+    assert PreTrainedTokenizerFast.from_pretrained(paths.tokenizer).pad_token_id == m_a.config.pad_token_id
+
+
+def test_build_task_is_reproducible_and_saves_its_config(tmp_path):
+    cfg = ExperimentConfig.quick()
+    first = build_task(cfg, tmp_path / "a")
+    assert ExperimentConfig.load(tmp_path / "a") == cfg
+    second = build_task(cfg, tmp_path / "b")
+    assert first.splits.eval_sets == second.splits.eval_sets
+    assert (tmp_path / "a" / "data" / "d_kv.json").read_text() == (tmp_path / "b" / "data" / "d_kv.json").read_text()
