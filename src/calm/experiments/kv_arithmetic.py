@@ -6,7 +6,7 @@ Pipeline, each step writing into one run directory:
     train_base_models(cfg, out_dir)   m_A (KV-Substitution only), m_B (Numeric-Arithmetic only), and the
                                       ablation m_A's: "vanilla" (another key set) and "random" (untrained)
     evaluate_base_models(...)         exact-match accuracy of m_A and m_B on every evaluation set
-    train_composition(...)            <- the boundary where CALM (calm.compose + its trainer) plugs in
+    (the composition, its baselines and the report: kv_reproduce.py)
 
 Run it: `python -m calm.experiments.kv_arithmetic --out runs/kv [--quick]`.
 """
@@ -384,24 +384,6 @@ def evaluate_base_models(cfg: ExperimentConfig, out_dir: str | Path, paths: Base
     table = evaluate_models(models, tokenizer, load_eval_sets(out_dir), batch_size=cfg.eval_batch_size)
     (Path(out_dir) / "base_eval.json").write_text(json.dumps(table, indent=2))
     return table
-
-
-# ----------------------------------------------------------------------------------------------------------
-# composition (CALM) -- plugged in elsewhere
-
-
-def train_composition(cfg: ExperimentConfig, out_dir: str | Path, paths: BaseModelPaths) -> Path:
-    """Compose frozen m_A and m_B with CALM's cross-attention, train it on D_C, save it; return its path.
-
-    Inputs it should use: `paths.m_a`, `paths.m_b`, `paths.tokenizer` and
-    `out_dir/data/composition_train.jsonl` (D_C). Evaluate the result with `evaluate_exact_match` on
-    `load_eval_sets(out_dir)`; the ablations swap `paths.m_a` for `paths.m_a_vanilla` / `paths.m_a_random`.
-
-    Both base models have only 4 blocks, so the paper's "every 4th m_A layer" gives one connection, and
-    spacing it uniformly over m_B lands on m_B's *last* block -- after the blocks that do the arithmetic.
-    Connections into m_B's early blocks are what this task needs (m_B must read the values before adding).
-    """
-    raise NotImplementedError("the composition step (calm.compose + its trainer) is not wired in yet")
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -44,7 +44,9 @@ EVAL_SETS = ("kv_substitution", "numeric_arithmetic", "kv_arithmetic_seen", "kv_
 class CompositionSpec:
     """How every model trained on D_C is trained: one budget for CALM and the baselines alike."""
 
-    every: int = 1  # tap every m_A block (the paper: every 4th of a much deeper m_A)
+    # Tap every m_A block (the paper: every 4th of a much deeper m_A). With 4-block models, "every 4th" would
+    # give one connection into m_B's last block, after the blocks that do the arithmetic.
+    every: int = 1
     num_heads: int = 4
     epochs: float = 2.0
     batch_size: int = 32
