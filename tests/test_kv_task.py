@@ -157,6 +157,26 @@ def test_tokenizer_is_character_level_and_round_trips(tokenizer, splits, tmp_pat
     assert (loaded.pad_token_id, loaded.eos_token_id) == (tokenizer.pad_token_id, tokenizer.eos_token_id)
 
 
+def test_key_tokens_make_each_key_one_token_and_spell_other_words(data, tmp_path):
+    keys = data.all_keys
+    tokenizer = build_tokenizer(CFG, keys=keys)
+    assert CFG.key_tokens
+    for key in keys:
+        assert tokenizer.convert_ids_to_tokens(tokenizer(key + "+" + key + ":")["input_ids"]) == [
+            "<s>", key, "+", key, ":"]
+    # A key that prefixes or ends another word must not be cut out of it: the other word is spelled.
+    word = keys[0] + "q" if keys[0] + "q" not in keys else keys[0] + "qq"
+    assert tokenizer.convert_ids_to_tokens(tokenizer(word)["input_ids"])[1:] == list(word)
+    assert tokenizer.convert_ids_to_tokens(tokenizer("q" + keys[0])["input_ids"])[1:] == list("q" + keys[0])
+    assert tokenizer.decode(tokenizer(f"{keys[1]}-{keys[2]}=+012")["input_ids"],
+                            skip_special_tokens=True) == f"{keys[1]}-{keys[2]}=+012"
+    tokenizer.save_pretrained(tmp_path)
+    loaded = PreTrainedTokenizerFast.from_pretrained(tmp_path)
+    assert loaded(keys[3] + "*" + word)["input_ids"] == tokenizer(keys[3] + "*" + word)["input_ids"]
+    spelled = build_tokenizer(replace(CFG, key_tokens=False), keys=keys)
+    assert len(spelled(keys[0])["input_ids"]) == len(keys[0]) + 1
+
+
 def test_collate_labels_only_the_completion_and_eos(tokenizer):
     batch = collate([{"prompt": "ab:", "completion": "12"}, {"prompt": "abcd+e:", "completion": "3+4"}], tokenizer)
     eos = tokenizer.eos_token_id

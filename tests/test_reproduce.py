@@ -30,3 +30,26 @@ def test_quick_reproduction_writes_every_output(tmp_path):
     assert abs(lora_params - calm_params) <= 0.1 * calm_params  # the LoRA baseline matches CALM's size
     assert (out / "models" / "m_a" / "config.json").is_file()  # base models are real HF checkpoints
     assert (out / "runs" / "calm" / "calm.safetensors").is_file()
+
+    # Several seeds' runs combine into mean ± std (a second run faked from the first, CALM moved by 10 points).
+    second = tmp_path / "kv2"
+    second.mkdir()
+    result["seed"] = 1
+    v = result["table"]["CALM"]["kv_substitution"]
+    result["table"]["CALM"]["kv_substitution"] = v + 10
+    (second / "results.json").write_text(json.dumps(result))
+    shutil.copy(out / "results.md", second / "results.md")
+    done = subprocess.run([CALM, "reproduce", "kv-arithmetic", "--summarize", str(out), str(second),
+                           "--output-dir", str(tmp_path / "summary")], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = (tmp_path / "summary" / "results.md").read_text()
+    assert f"| CALM | {v + 5:.1f} ± 7.1 |" in summary and "seeds [0, 1]" in summary
+    assert json.loads((tmp_path / "summary" / "results.json").read_text())["seeds"] == [0, 1]
+
+
+def test_summarize_names_a_run_without_results(tmp_path, capsys):
+    from calm.cli import main
+
+    assert main(["reproduce", "kv-arithmetic", "--summarize", str(tmp_path / "nope"),
+                 "--output-dir", str(tmp_path / "s")]) == 2
+    assert "no results.json in" in capsys.readouterr().err

@@ -56,9 +56,21 @@ def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--num-heads", type=int, default=None, help="cross-attention heads (default: the anchor's)")
     group.add_argument("--qk-norm", action=argparse.BooleanOptionalAction, default=True,
                        help="RMS-normalise cross-attention queries and keys")
+    group.add_argument("--rope-theta", type=parse_rope_theta, default=10000.0,
+                       help="rotary position base of the cross-attention ('none': no position encoding, as the "
+                            "paper's code)")
     group.add_argument("--init", default="identity", choices=["identity", "paper"], help="composition init")
     group.add_argument("--augment-mode", default="iterative", choices=["iterative", "prompt"],
                        help="augments read every token (iterative, the paper's default) or only the prompt")
+
+
+def parse_rope_theta(text: str) -> float | None:
+    if str(text).lower() == "none":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 1 or 'none', got {text!r}") from None
 
 
 def parse_connections(text: str) -> list:
@@ -117,7 +129,7 @@ def compose_from_args(args: argparse.Namespace):
     augments = [load_base(name, args) for name in args.augment]
     return calm.compose(anchor, augments, connections=args.connections, num_connections=args.num_connections,
                         every=args.every, num_heads=args.num_heads, qk_norm=args.qk_norm, init=args.init,
-                        augment_mode=args.augment_mode)
+                        augment_mode=args.augment_mode, rope_theta=args.rope_theta)
 
 
 def load_composition(args: argparse.Namespace):
@@ -303,6 +315,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--quick", action="store_true", help="tiny sizes: the whole pipeline in about 2 minutes")
     sub.add_argument("--ablations", action="store_true", help="also run the vanilla/random m_A and prompt-mode rows")
     sub.add_argument("--seed", type=int, default=0, help="random seed of the whole run")
+    sub.add_argument("--threads", type=_bounded(int, 0), default=0,
+                     help="torch CPU threads (0: one per core; 1 lets two seeds run side by side)")
+    sub.add_argument("--summarize", nargs="+", type=Path, metavar="RUN_DIR", default=None,
+                     help="train nothing: combine finished runs (e.g. one per seed) into mean ± std in --output-dir")
     sub.add_argument("--output-dir", type=Path, default=Path("results/kv_arithmetic"),
                      help="where results.md, results.json and the plots go")
     return parser
@@ -370,7 +386,7 @@ def _from_run_record(record: dict) -> dict:
     values = dict(record["train"])
     model = record.get("model") if isinstance(record.get("model"), dict) else {}
     for key in ("anchor", "augments", "tokenizer", "dtype", "connections", "num_heads", "qk_norm", "init",
-                "augment_mode"):
+                "augment_mode", "rope_theta"):
         if key in model:
             values.setdefault("augment" if key == "augments" else key, model[key])
     data = record.get("data") if isinstance(record.get("data"), dict) else {}

@@ -112,6 +112,7 @@ class CALMConfig(PretrainedConfig):
         qk_norm: bool = True,
         init: str = "identity",
         augment_mode: str = "iterative",
+        rope_theta: float | None = 10000.0,
         anchor: dict | None = None,
         augments: list[dict] | None = None,
         **kwargs: Any,
@@ -123,6 +124,7 @@ class CALMConfig(PretrainedConfig):
         self.qk_norm = qk_norm
         self.init = init
         self.augment_mode = augment_mode
+        self.rope_theta = rope_theta
         self.anchor = dict(anchor or {})
         self.augments = [dict(a) for a in (augments or [])]
         kwargs.setdefault("vocab_size", self.anchor.get("vocab_size"))
@@ -140,6 +142,10 @@ class CALMConfig(PretrainedConfig):
             raise ValueError(f"qk_norm={self.qk_norm!r} is invalid: expected True or False")
         if isinstance(self.num_heads, bool) or not isinstance(self.num_heads, int) or self.num_heads < 1:
             raise ValueError(f"num_heads={self.num_heads!r} is invalid: expected a positive integer")
+        theta = self.rope_theta
+        if theta is not None and (isinstance(theta, bool) or not isinstance(theta, (int, float)) or not theta > 1):
+            raise ValueError(f"rope_theta={theta!r} is invalid: expected a number > 1, or None for no rotary "
+                             "position encoding in the cross-attention")
         self.validate_structure()
 
     def validate_structure(self) -> None:

@@ -15,7 +15,7 @@ class CrossAttention(nn.Module):
     """
 
     def __init__(self, augment_width: int, anchor_width: int, num_heads: int, qk_norm: bool = True,
-                 init: str = "identity") -> None:
+                 init: str = "identity", rope_theta: float | None = None) -> None:
         super().__init__()
         if anchor_width % num_heads:
             raise ValueError(
@@ -23,6 +23,10 @@ class CrossAttention(nn.Module):
             )
         self.num_heads = num_heads
         self.head_dim = anchor_width // num_heads
+        if rope_theta is not None and self.head_dim % 2:
+            raise ValueError(f"rotary cross-attention needs an even head size, got {self.head_dim} "
+                             f"(anchor width {anchor_width} / num_heads {num_heads})")
+        self.rope_theta = rope_theta
         self.proj = nn.Linear(augment_width, anchor_width)  # f_proj
         self.q = nn.Linear(anchor_width, anchor_width, bias=False)
         self.k = nn.Linear(anchor_width, anchor_width, bias=False)
@@ -40,15 +44,36 @@ class CrossAttention(nn.Module):
         batch, length, _ = x.shape
         return x.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
 
-    def keys_values(self, augment_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Project augment hidden states (B, S, D_A) to per-head keys and values (B, H, S, head_dim)."""
+    def _rotate(self, x: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
+        """Rotary position encoding of (B, H, L, head_dim) at `positions` (B or 1, L; default 0..L-1). Queries at
+        anchor position t and keys at augment position s then score by their offset t - s, which is what lets a
+        query find "the augment's state at this very token" (both models read the same tokens)."""
+        if self.rope_theta is None:
+            return x
+        if positions is None:
+            positions = torch.arange(x.shape[-2], device=x.device)[None]
+        half = self.head_dim // 2
+        freqs = self.rope_theta ** (-torch.arange(half, device=x.device, dtype=torch.float32) / half)
+        angles = positions[:, None, :, None].float() * freqs
+        cos, sin = angles.cos(), angles.sin()
+        x1, x2 = x[..., :half].float(), x[..., half:].float()
+        return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
+
+    def keys_values(self, augment_states: torch.Tensor, positions: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Project augment hidden states (B, S, D_A) at `positions` (B or 1, S) to per-head keys and values
+        (B, H, S, head_dim). Keys are stored already rotated, so a cache never needs their positions."""
         x = self.key_norm(self.proj(augment_states.to(self.proj.weight.dtype)))
-        return self._heads(self.k(x)), self._heads(self.v(x))
+        return self._rotate(self._heads(self.k(x)), positions), self._heads(self.v(x))
+
+    def _query(self, anchor_states: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
+        return self._rotate(self._heads(self.q(self.query_norm(anchor_states.to(self.q.weight.dtype)))), positions)
 
     def attention_probs(self, anchor_states: torch.Tensor, keys: torch.Tensor,
-                        mask: torch.Tensor | str | None = "causal") -> torch.Tensor:
+                        mask: torch.Tensor | str | None = "causal", positions: torch.Tensor | None = None
+                        ) -> torch.Tensor:
         """Attention weights (B, H, T, S) of anchor states over augment positions, for inspection and plots."""
-        query = self._heads(self.q(self.query_norm(anchor_states.to(self.q.weight.dtype))))
+        query = self._query(anchor_states, positions)
         scores = query @ keys.transpose(-1, -2) / self.head_dim**0.5
         if mask == "causal":
             mask = torch.ones(scores.shape[-2:], dtype=torch.bool, device=scores.device).tril()
@@ -57,11 +82,11 @@ class CrossAttention(nn.Module):
         return scores.softmax(-1).nan_to_num(0.0)
 
     def forward(self, anchor_states: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                mask: torch.Tensor | str | None) -> torch.Tensor:
-        """Residual update for anchor states (B, T, D_B). `mask` is a (B, 1, T, S) tensor, True where attention
-        is allowed; "causal" for a plain causal mask over equal lengths; None when every key is visible."""
-        dtype = self.q.weight.dtype
-        query = self._heads(self.q(self.query_norm(anchor_states.to(dtype))))
+                mask: torch.Tensor | str | None, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Residual update for anchor states (B, T, D_B) at `positions` (B or 1, T). `mask` is a (B, 1, T, S)
+        tensor, True where attention is allowed; "causal" for a plain causal mask over equal lengths; None when
+        every key is visible."""
+        query = self._query(anchor_states, positions)
         if mask is None or isinstance(mask, str):
             out = F.scaled_dot_product_attention(query, keys, values, is_causal=mask == "causal")
         else:

@@ -61,7 +61,7 @@ class CALMForCausalLM(PreTrainedModel, GenerationMixin):
         self.composition = nn.ModuleList(
             nn.ModuleList(
                 CrossAttention(base_info(augment).width, anchor_info.width, config.num_heads, config.qk_norm,
-                               config.init)
+                               config.init, config.rope_theta)
                 for _ in conns
             )
             for augment, conns in zip(augments, config.connections)
@@ -129,7 +129,7 @@ class CALMForCausalLM(PreTrainedModel, GenerationMixin):
         num_keys = keys_values[0][0][0].shape[-2]
         prompt_length = augment_length if mode == "prompt" else None
         mask = self._cross_mask(attention_mask, past, length, num_keys, prompt_length, input_ids.device)
-        with self._inject(keys_values, mask):
+        with self._inject(keys_values, mask, position_ids):
             out = self.anchor(
                 input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                 cache=cache.anchor if cache is not None else None, use_cache=use_cache, labels=labels,
@@ -170,7 +170,7 @@ class CALMForCausalLM(PreTrainedModel, GenerationMixin):
                 states = self._run_augment(k, input_ids, attention_mask, position_ids, augment_cache)
             pairs = []
             for j, (a, _) in enumerate(conns):
-                keys, values = self.composition[k][j].keys_values(states[a])
+                keys, values = self.composition[k][j].keys_values(states[a], position_ids)
                 if cache is not None:
                     keys, values = cache.projected[k][j].update(keys, values)
                 pairs.append((keys, values))
@@ -229,7 +229,7 @@ class CALMForCausalLM(PreTrainedModel, GenerationMixin):
         return mask
 
     @contextlib.contextmanager
-    def _inject(self, keys_values, mask) -> Iterator[None]:
+    def _inject(self, keys_values, mask, position_ids) -> Iterator[None]:
         """Add each connection's cross-attention output to the anchor stream after its anchor block."""
         by_block: dict[int, list] = {}
         for k, conns in enumerate(self.config.connections):
@@ -239,7 +239,7 @@ class CALMForCausalLM(PreTrainedModel, GenerationMixin):
         def inject(entries):
             def hook(module, args, output):
                 hidden = _block_output(output)
-                update = sum(layer(hidden, keys, values, mask) for layer, keys, values in entries)
+                update = sum(layer(hidden, keys, values, mask, position_ids) for layer, keys, values in entries)
                 return _replace_block_output(output, hidden + update)
             return hook
 
@@ -330,6 +330,7 @@ def compose(
     qk_norm: bool = True,
     init: str = "identity",
     augment_mode: str = "iterative",
+    rope_theta: float | None = 10000.0,
 ) -> CALMForCausalLM:
     """Compose a frozen anchor with one or more frozen augmenting causal LMs.
 
@@ -365,7 +366,7 @@ def compose(
         raise ValueError(f"num_heads={heads} must divide the anchor's hidden width {anchor_info.width}")
     config = CALMConfig(
         connections=[[list(p) for p in r] for r in resolved], num_heads=heads, qk_norm=qk_norm, init=init,
-        augment_mode=augment_mode, anchor=_record(anchor_info, anchor),
+        augment_mode=augment_mode, rope_theta=rope_theta, anchor=_record(anchor_info, anchor),
         augments=[_record(info, a) for info, a in zip(infos, augments)],
         pad_token_id=anchor.config.pad_token_id, eos_token_id=anchor.config.eos_token_id,
         bos_token_id=anchor.config.bos_token_id,

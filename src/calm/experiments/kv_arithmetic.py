@@ -134,6 +134,7 @@ class KVTask:
     data: KVData
     splits: KVSplits
     out_dir: Path
+    vanilla_data: KVData  # another D_KV, none of D_KV's keys: what the vanilla m_A memorises
 
     @property
     def tokenizer_dir(self) -> Path:
@@ -149,15 +150,16 @@ def build_task(cfg: ExperimentConfig, out_dir: str | Path) -> KVTask:
     (out_dir / "data").mkdir(parents=True, exist_ok=True)
     (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     data = make_kv_data(cfg.task)
+    vanilla_data = make_kv_data(cfg.task, seed=cfg.task.seed + 1000, avoid_keys=set(data.table))
     splits = make_splits(cfg.task, data)
-    tokenizer = build_tokenizer(cfg.task)
+    tokenizer = build_tokenizer(cfg.task, keys=[*data.table, *vanilla_data.table])
     tokenizer.save_pretrained(out_dir / "tokenizer")
     (out_dir / "data" / "d_kv.json").write_text(json.dumps(
         {"table": data.table, "seen_keys": data.seen_keys, "unseen_keys": data.unseen_keys}, indent=1))
     write_jsonl(splits.composition_train, out_dir / "data" / "composition_train.jsonl")
     for name, examples in splits.eval_sets.items():
         write_jsonl(examples, out_dir / "data" / f"eval_{name}.jsonl")
-    return KVTask(tokenizer=tokenizer, data=data, splits=splits, out_dir=out_dir)
+    return KVTask(tokenizer=tokenizer, data=data, splits=splits, out_dir=out_dir, vanilla_data=vanilla_data)
 
 
 def load_eval_sets(out_dir: str | Path) -> dict[str, list[Example]]:
@@ -276,14 +278,13 @@ def train_base_models(cfg: ExperimentConfig, out_dir: str | Path, task: KVTask |
     tok, kv = task.tokenizer, cfg.task
     evals = task.splits.eval_sets
     # The vanilla m_A learns substitution over another D_KV with none of D_KV's keys: same skill, other facts.
-    other_data = make_kv_data(kv, seed=kv.seed + 1000, avoid_keys=set(task.data.table))
     runs = {
         "m_a": (cfg.m_a, cfg.m_a_train, example_stream(kv, task.data, "kv_substitution", seed=kv.seed + 10,
                                                        held_out=evals["kv_substitution"])),
         "m_b": (cfg.m_b, cfg.m_b_train, example_stream(kv, numeric_table(kv), "numeric_arithmetic",
                                                        seed=kv.seed + 20, held_out=evals["numeric_arithmetic"])),
         "m_a_vanilla": (cfg.m_a, cfg.vanilla_train,
-                        example_stream(kv, other_data, "kv_substitution", seed=kv.seed + 30)),
+                        example_stream(kv, task.vanilla_data, "kv_substitution", seed=kv.seed + 30)),
     }
     seconds = {}
     for name, (spec, train, stream) in runs.items():
