@@ -60,8 +60,10 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
     expected = load_file(tmp_path / "single" / "calm.safetensors")
     got = load_file(tmp_path / "ddp" / "calm.safetensors")
     assert any(v.abs().sum() > 0 for k, v in expected.items() if k.endswith("o.weight"))  # it did train
+    # Summation order differs between one batch of 4 and two of 2; Adam turns a last-bit difference in a
+    # near-zero gradient into an update of its own, so single elements may differ by ~1e-6 after 6 steps.
     for name in expected:
-        torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-6, msg=name)
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-5, msg=name)
     losses = [[r["loss"] for r in read_metrics(tmp_path / run / "metrics.jsonl") if "loss" in r]
               for run in ("single", "ddp")]
     torch.testing.assert_close(torch.tensor(losses[1]), torch.tensor(losses[0]), rtol=1e-4, atol=1e-6)

@@ -31,6 +31,14 @@ def test_quick_reproduction_writes_every_output(tmp_path):
     assert (out / "models" / "m_a" / "config.json").is_file()  # base models are real HF checkpoints
     assert (out / "runs" / "calm" / "calm.safetensors").is_file()
 
+    # The probe of m_A's states reads the run directory: one row per layer (+ embeddings) and position.
+    from calm.experiments.kv_probe import probe
+
+    probes = probe(out)
+    layers = json.loads((out / "models" / "m_a" / "config.json").read_text())["num_hidden_layers"]
+    assert set(probes) == {"key", "end"} and all(len(rows) == layers + 1 for rows in probes.values())
+    assert all(0 <= row[d] <= 100 for rows in probes.values() for row in rows for d in ("tens", "ones"))
+
     # Several seeds' runs combine into mean ± std (a second run faked from the first, CALM moved by 10 points).
     second = tmp_path / "kv2"
     second.mkdir()

@@ -403,9 +403,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="tiny models, seconds; accuracy irrelevant")
     parser.add_argument("--seed", type=int, default=0, help="seed of D_KV, the splits and every training run")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: one per core)")
+    parser.add_argument("--spelled-keys", action="store_true",
+                        help="keys spelled letter by letter (KVConfig.key_tokens=False) instead of one token each")
     args = parser.parse_args(argv)
     cfg = ExperimentConfig.quick() if args.quick else ExperimentConfig()
     cfg = with_seed(cfg, args.seed)
+    cfg.task.key_tokens = not args.spelled_keys
     cfg.num_threads = args.threads
     start = time.perf_counter()
     task = build_task(cfg, args.out)

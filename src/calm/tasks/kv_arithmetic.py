@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import random
 import string
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +29,7 @@ Example = dict[str, str]  # {"prompt": ..., "completion": ...}
 
 TASKS = ("kv_substitution", "numeric_arithmetic", "kv_arithmetic")
 PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
+NUMBER_TOKEN_PREFIX = "#"  # '#07' is one token: the value 7 as a whole
 
 
 @dataclass
@@ -61,6 +62,11 @@ class KVConfig:
     # states at a key's last letter finds the value's digits at chance), leaving nothing there to compose.
     # False: keys are spelled letter by letter, as in the paper's SentencePiece vocabulary.
     key_tokens: bool = True
+    # Not in the paper: the vocabulary also has one token per value ('#07'), as BPE vocabularies have a token
+    # per small number, and m_B's arithmetic training writes each operand either way (digits or one token,
+    # at random). m_B then computes from a number held at one position, the shape of a one-token key: a key
+    # prompt 'abc+de=' lines up token for token with '#07+#22='. Evaluation uses digits, as the paper.
+    number_tokens: bool = True
     seen_fraction: float = 0.2  # paper: 0.2 -- D_C only uses keys from this fraction of D_KV
     substitution_marker: str = ":"  # not in the paper (its tasks are separate prompts)
     arithmetic_marker: str = "="  # not in the paper
@@ -153,8 +159,11 @@ class KVData:
     def kv_substitution(self, e: Expression) -> Example:
         return {"prompt": e.render(e.keys) + self.markers["substitution"], "completion": self._values(e)}
 
-    def numeric_arithmetic(self, e: Expression) -> Example:
-        return {"prompt": self._values(e) + self.markers["arithmetic"],
+    def numeric_arithmetic(self, e: Expression, as_tokens: Sequence[bool] = ()) -> Example:
+        """`as_tokens[i]`: write operand i as one number token ('#07') instead of its digits."""
+        operands = [NUMBER_TOKEN_PREFIX * bool(i < len(as_tokens) and as_tokens[i]) + self.numbers.value(self.table[k])
+                    for i, k in enumerate(e.keys)]
+        return {"prompt": e.render(operands) + self.markers["arithmetic"],
                 "completion": self.numbers.result(self.result(e))}
 
     def kv_arithmetic(self, e: Expression) -> Example:
@@ -277,9 +286,16 @@ def example_stream(
     """
     rng = random.Random(seed)
     held_out_prompts = {ex["prompt"] for ex in held_out}
+    mixed = task == "numeric_arithmetic" and cfg.number_tokens and data.numbers.value_width > 0
     while True:
-        ex = data.example(task, random_expression(rng, data.all_keys, cfg))
-        if ex["prompt"] not in held_out_prompts:
+        e = random_expression(rng, data.all_keys, cfg)
+        if mixed:
+            ex = data.numeric_arithmetic(e, as_tokens=[rng.random() < 0.5 for _ in e.keys])
+            digits = data.numeric_arithmetic(e)["prompt"]
+        else:
+            ex = data.example(task, e)
+            digits = ex["prompt"]
+        if digits not in held_out_prompts:  # a held-out expression stays held out in either writing
             yield ex
 
 
@@ -308,14 +324,19 @@ def build_tokenizer(cfg: KVConfig, keys: Iterable[str] = ()) -> PreTrainedTokeni
     chars = sorted(set(string.ascii_lowercase + string.digits + "+-*" + cfg.substitution_marker
                        + cfg.arithmetic_marker))
     words = sorted(set(keys) - set(chars)) if cfg.key_tokens else []
-    vocab = {tok: i for i, tok in enumerate(specials + chars + words)}
+    numbers = NumberFormat.for_config(cfg)
+    number_tokens = ([NUMBER_TOKEN_PREFIX + numbers.value(v) for v in range(cfg.value_min, cfg.value_max + 1)]
+                     if cfg.number_tokens and numbers.value_width else [])
+    vocab = {tok: i for i, tok in enumerate(specials + chars + words + number_tokens)}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
+    # Whole keys (longest first, so no key is cut short by another that prefixes it) and number tokens first,
+    # else single characters.
+    pattern = "."
+    if number_tokens:
+        pattern = f"{NUMBER_TOKEN_PREFIX}\\d{{{numbers.value_width}}}|" + pattern
     if words:
-        # Whole keys first (longest first, so no key is cut short by another that prefixes it), else characters.
-        alternatives = "|".join(sorted(words, key=len, reverse=True))
-        tok.pre_tokenizer = pre_tokenizers.Split(Regex(f"(?<![a-z])(?:{alternatives})(?![a-z])|."), behavior="isolated")
-    else:
-        tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+        pattern = f"(?<![a-z])(?:{'|'.join(sorted(words, key=len, reverse=True))})(?![a-z])|" + pattern
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(pattern), behavior="isolated")
     tok.post_processor = processors.TemplateProcessing(
         single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, vocab[BOS])]
     )

@@ -1,0 +1,100 @@
+"""Where does m_A keep a key's value? Linear probes on m_A's hidden states, trained on D_C's keys only.
+
+The composition can only generalise to unseen keys if m_A's states at the positions it reads hold the value in
+a form shared by all keys: then a map learned on the 20% of keys in D_C carries over to the rest. This script
+fits a linear classifier per layer (the value's tens digit, its ones digit) on m_A's states over the seen keys
+and scores it on the unseen ones, at the key's last token and at the prompt's last token.
+
+    python -m calm.experiments.kv_probe RUN_DIR      (a directory written by `calm reproduce kv-arithmetic`)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedTokenizerFast
+
+from calm.experiments.kv_arithmetic import load_frozen
+
+PROMPTS_PER_KEY = 5
+
+
+@torch.no_grad()
+def states_at(model, tokenizer, prompts: list[str], position: str) -> torch.Tensor:
+    """(N, layers + 1, D) hidden states at the first key's last token ("key") or the prompt's last ("end")."""
+    rows = []
+    for prompt in prompts:
+        ids = tokenizer(prompt)["input_ids"]
+        first_key = prompt.split("+")[0]
+        index = len(tokenizer(first_key)["input_ids"]) - 1 if position == "key" else len(ids) - 1
+        hidden = model(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states
+        rows.append(torch.stack([h[0, index] for h in hidden]))
+    return torch.stack(rows)
+
+
+def probe_accuracy(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
+                   steps: int = 500) -> float:
+    """Accuracy on (test_x, test_y) of an L2-regularised softmax classifier fitted on (train_x, train_y)."""
+    mean, std = train_x.mean(0), train_x.std(0) + 1e-5
+    weight = torch.zeros(train_x.shape[1], 10, requires_grad=True)
+    bias = torch.zeros(10, requires_grad=True)
+    optimizer = torch.optim.Adam([weight, bias], lr=1e-2)
+    for _ in range(steps):
+        logits = ((train_x - mean) / std) @ weight + bias
+        loss = torch.nn.functional.cross_entropy(logits, train_y) + 1e-3 * weight.pow(2).sum()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        return (((test_x - mean) / std) @ weight + bias).argmax(-1).eq(test_y).float().mean().item()
+
+
+def probe(run_dir: Path, seed: int = 0) -> dict[str, list[dict[str, float]]]:
+    """Per position ("key", "end") and layer: probe accuracy (%) on unseen keys for the tens and ones digit."""
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(run_dir / "tokenizer")
+    d_kv = json.loads((run_dir / "data" / "d_kv.json").read_text())
+    table, keys = d_kv["table"], list(d_kv["table"])
+    marker = json.loads((run_dir / "config.json").read_text())["task"]["arithmetic_marker"]
+    model = load_frozen(run_dir / "models" / "m_a")
+    rng = random.Random(seed)
+
+    def prompts(subset: list[str]) -> tuple[list[str], torch.Tensor]:
+        texts = [f"{k}+{rng.choice(keys)}{marker}" for k in subset for _ in range(PROMPTS_PER_KEY)]
+        return texts, torch.tensor([table[t.split("+")[0]] for t in texts])
+
+    train_prompts, train_values = prompts(d_kv["seen_keys"])
+    test_prompts, test_values = prompts(d_kv["unseen_keys"])
+    torch.manual_seed(seed)
+    result = {}
+    for position in ("key", "end"):
+        train_x = states_at(model, tokenizer, train_prompts, position)
+        test_x = states_at(model, tokenizer, test_prompts, position)
+        result[position] = [
+            {digit: 100 * probe_accuracy(train_x[:, layer], train_values // div % 10, test_x[:, layer],
+                                         test_values // div % 10)
+             for digit, div in (("tens", 10), ("ones", 1))}
+            for layer in range(train_x.shape[1])
+        ]
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run_dir", type=Path, help="a `calm reproduce kv-arithmetic` output directory")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    print("| position | layer | tens digit (%) | ones digit (%) |\n|---|---:|---:|---:|")
+    for position, layers in probe(args.run_dir, args.seed).items():
+        for layer, acc in enumerate(layers):
+            print(f"| {position} | {layer} | {acc['tens']:.0f} | {acc['ones']:.0f} |")
+    print("\nchance: 10% per digit; layer 0 is the embedding output")
+
+
+if __name__ == "__main__":
+    main()
