@@ -29,8 +29,8 @@ def test_explicit_connections_pass_through():
 
 
 @pytest.mark.parametrize("kwargs,message", [
-    (dict(connections=[(4, 1)]), r"augment layer 4 is out of range: expected an integer in \[0, 3\]"),
-    (dict(connections=[(0, -1)]), r"anchor layer -1 is out of range: expected an integer in \[0, 5\]"),
+    (dict(connections=[(4, 1)]), r"augment layer 4 is out of range: expected an integer in \[-1, 3\]"),
+    (dict(connections=[(0, -2)]), r"anchor layer -2 is out of range: expected an integer in \[-1, 5\]"),
     (dict(connections=[(0, 2), (1, 2)]), "must be greater than the previous one"),
     (dict(connections=[(0, 3), (1, 1)]), "strictly increasing"),
     (dict(connections=[(0, 1, 2)]), "expected a pair"),

@@ -44,6 +44,7 @@ from calm.tasks.kv_arithmetic import (
 )
 
 CFG = KVConfig.quick()
+NUMBER_TOKENS = replace(CFG, number_tokens=True)
 
 
 @pytest.fixture(scope="module")
@@ -161,17 +162,18 @@ def test_tokenizer_is_character_level_and_round_trips(tokenizer, splits, tmp_pat
 def test_numeric_training_mixes_digits_and_number_tokens_but_keeps_held_out_expressions_out(splits):
     table = numeric_table(CFG)
     held_out = splits.eval_sets["numeric_arithmetic"]
-    drawn = list(itertools.islice(example_stream(CFG, table, "numeric_arithmetic", seed=0, held_out=held_out), 3000))
+    stream = example_stream(NUMBER_TOKENS, table, "numeric_arithmetic", seed=0, held_out=held_out)
+    drawn = list(itertools.islice(stream, 3000))
     as_digits = {ex["prompt"].replace("#", "") for ex in drawn}
     assert not as_digits & {ex["prompt"] for ex in held_out}  # neither writing of a held-out expression
     tokens_per_prompt = [ex["prompt"].count("#") for ex in drawn]
     assert {0, 1, 2} <= set(tokens_per_prompt)  # each operand independently
     assert 0.4 < sum(tokens_per_prompt) / (2 * len(drawn)) < 0.6
     assert all(not any(c.isalpha() for c in ex["prompt"]) for ex in drawn)
-    plain = example_stream(replace(CFG, number_tokens=False), table, "numeric_arithmetic", seed=0)
+    plain = example_stream(CFG, table, "numeric_arithmetic", seed=0)
     assert not any("#" in next(plain)["prompt"] for _ in range(200))
     # Same expression, same answer, whichever way its operands are written.
-    ex = next(example_stream(CFG, table, "numeric_arithmetic", seed=1))
+    ex = next(example_stream(NUMBER_TOKENS, table, "numeric_arithmetic", seed=1))
     assert ex["completion"] == table.numeric_arithmetic(_expression_of(ex["prompt"]))["completion"]
 
 
@@ -183,7 +185,7 @@ def _expression_of(prompt: str) -> Expression:
 
 
 def test_number_tokens_are_single_tokens(data):
-    tokenizer = build_tokenizer(CFG, keys=data.all_keys)
+    tokenizer = build_tokenizer(NUMBER_TOKENS, keys=data.all_keys)
     width = len(str(CFG.value_max))
     number = "#" + "7".zfill(width)
     assert tokenizer.convert_ids_to_tokens(tokenizer(f"{number}+{number}=")["input_ids"]) == [
@@ -191,7 +193,7 @@ def test_number_tokens_are_single_tokens(data):
     assert tokenizer.unk_token_id not in tokenizer(f"#{str(CFG.value_max).zfill(width)}")["input_ids"]
     # The digits of an answer stay digits.
     assert tokenizer.convert_ids_to_tokens(tokenizer("+029")["input_ids"])[1:] == ["+", "0", "2", "9"]
-    without = build_tokenizer(replace(CFG, number_tokens=False), keys=data.all_keys)
+    without = build_tokenizer(CFG, keys=data.all_keys)  # off by default
     assert number not in without.get_vocab()
 
 

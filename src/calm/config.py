@@ -26,7 +26,8 @@ def resolve_connections(
     """Turn one of the three ways of naming connections into validated `(augment_block, anchor_block)` pairs.
 
     Block indices are 0-based: `(3, 7)` feeds the output of augment block 3 into the anchor's residual stream
-    right after anchor block 7. `every=k` taps augment blocks k-1, 2k-1, ... (the paper's "every 4th layer").
+    right after anchor block 7; -1 names the embeddings (the input of block 0) on either side. `every=k` taps
+    augment blocks k-1, 2k-1, ... (the paper's "every 4th layer").
     """
     given = [name for name, v in (("connections", connections), ("num_connections", num_connections),
                                   ("every", every)) if v is not None]
@@ -79,11 +80,12 @@ def validate_connections(
         for side, value, n in (("augment", a, augment_layers), ("anchor", b, anchor_layers)):
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ValueError(
-                    f"connections[{i}] {side} layer {value!r} is not an integer: expected an integer in [0, {n - 1}]"
+                    f"connections[{i}] {side} layer {value!r} is not an integer: expected an integer in [-1, {n - 1}]"
                 )
-            if not 0 <= value < n:
+            if not -1 <= value < n:
                 raise ValueError(
-                    f"connections[{i}] {side} layer {value!r} is out of range: expected an integer in [0, {n - 1}]"
+                    f"connections[{i}] {side} layer {value!r} is out of range: expected an integer in [-1, {n - 1}] "
+                    "(-1: the embeddings, before block 0)"
                 )
         pairs.append((a, b))
     for i in range(1, len(pairs)):

@@ -30,6 +30,14 @@ def _replace_block_output(output: Any, hidden: torch.Tensor) -> Any:
     return hidden if torch.is_tensor(output) else (hidden, *output[1:])
 
 
+def _block_input(args: tuple, kwargs: dict) -> torch.Tensor:
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def _replace_block_input(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple, dict]:
+    return ((hidden, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": hidden})
+
+
 def _record(info: BaseInfo, model: PreTrainedModel) -> dict:
     name = getattr(model, "name_or_path", "") or getattr(model.config, "_name_or_path", "")
     return {"name_or_path": str(name), "model_type": model.config.model_type, "num_layers": info.num_layers,
@@ -185,7 +193,8 @@ class CALMForCausalLM(PreTrainedModel, GenerationMixin):
 
     @torch.no_grad()
     def _run_augment(self, k: int, input_ids, attention_mask, position_ids, cache) -> dict[int, torch.Tensor]:
-        """Hidden states after each tapped block of augment k, stopping after the deepest one."""
+        """Hidden states after each tapped block of augment k (tap -1: the input of block 0, i.e. the
+        embeddings), stopping after the deepest one."""
         taps = sorted({a for a, _ in self.config.connections[k]})
         blocks = self._augment_blocks[k]
         states: dict[int, torch.Tensor] = {}
@@ -197,7 +206,14 @@ class CALMForCausalLM(PreTrainedModel, GenerationMixin):
                     raise _StopAugment
             return hook
 
-        handles = [blocks[i].register_forward_hook(capture(i)) for i in taps]
+        def capture_input(module, args, kwargs):
+            states[-1] = _block_input(args, kwargs)
+            if taps[-1] == -1:
+                raise _StopAugment
+
+        handles = [blocks[i].register_forward_hook(capture(i)) for i in taps if i >= 0]
+        if taps[0] == -1:
+            handles.append(blocks[0].register_forward_pre_hook(capture_input, with_kwargs=True))
         try:
             self.augments[k](input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                              cache=cache, use_cache=cache is not None)
@@ -230,7 +246,8 @@ class CALMForCausalLM(PreTrainedModel, GenerationMixin):
 
     @contextlib.contextmanager
     def _inject(self, keys_values, mask, position_ids) -> Iterator[None]:
-        """Add each connection's cross-attention output to the anchor stream after its anchor block."""
+        """Add each connection's cross-attention output to the anchor stream after its anchor block (anchor
+        block -1: before block 0, onto the embeddings)."""
         by_block: dict[int, list] = {}
         for k, conns in enumerate(self.config.connections):
             for j, (_, b) in enumerate(conns):
@@ -243,7 +260,17 @@ class CALMForCausalLM(PreTrainedModel, GenerationMixin):
                 return _replace_block_output(output, hidden + update)
             return hook
 
-        handles = [self._anchor_blocks[b].register_forward_hook(inject(e)) for b, e in by_block.items()]
+        def inject_input(entries):
+            def hook(module, args, kwargs):
+                hidden = _block_input(args, kwargs)
+                update = sum(layer(hidden, keys, values, mask, position_ids) for layer, keys, values in entries)
+                return _replace_block_input(args, kwargs, hidden + update)
+            return hook
+
+        handles = [self._anchor_blocks[b].register_forward_hook(inject(e)) for b, e in by_block.items() if b >= 0]
+        if -1 in by_block:
+            handles.append(self._anchor_blocks[0].register_forward_pre_hook(inject_input(by_block[-1]),
+                                                                            with_kwargs=True))
         try:
             yield
         finally:

@@ -62,11 +62,12 @@ class KVConfig:
     # states at a key's last letter finds the value's digits at chance), leaving nothing there to compose.
     # False: keys are spelled letter by letter, as in the paper's SentencePiece vocabulary.
     key_tokens: bool = True
-    # Not in the paper: the vocabulary also has one token per value ('#07'), as BPE vocabularies have a token
-    # per small number, and m_B's arithmetic training writes each operand either way (digits or one token,
-    # at random). m_B then computes from a number held at one position, the shape of a one-token key: a key
-    # prompt 'abc+de=' lines up token for token with '#07+#22='. Evaluation uses digits, as the paper.
-    number_tokens: bool = True
+    # Not in the paper, off by default: the vocabulary also has one token per value ('#07'), as BPE
+    # vocabularies have a token per small number, and m_B's arithmetic training writes each operand either way
+    # (digits or one token, at random), so that a key prompt 'abc+de=' lines up token for token with
+    # '#07+#22='. Tried on seed 0: m_B reached 65% after 5000 steps (vs 100% after 2000 with digits only) and
+    # CALM's KV-Arithmetic stayed at 1-3%, so it stays off.
+    number_tokens: bool = False
     seen_fraction: float = 0.2  # paper: 0.2 -- D_C only uses keys from this fraction of D_KV
     substitution_marker: str = ":"  # not in the paper (its tasks are separate prompts)
     arithmetic_marker: str = "="  # not in the paper
