@@ -60,7 +60,7 @@ def test_evenly_spaced_connections_are_valid(augment_layers, anchor_layers, n):
 
 @given(st.lists(st.tuples(st.integers(-3, 10), st.integers(-3, 10)), max_size=6))
 def test_random_explicit_connections_are_accepted_only_when_valid(pairs):
-    valid = (bool(pairs) and all(0 <= a < 8 and 0 <= b < 8 for a, b in pairs)
+    valid = (bool(pairs) and all(-1 <= a < 8 and -1 <= b < 8 for a, b in pairs)
              and all(pairs[i][1] < pairs[i + 1][1] for i in range(len(pairs) - 1)))
     if valid:
         assert resolve_connections(8, 8, connections=pairs) == pairs

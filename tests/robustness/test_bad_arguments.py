@@ -27,12 +27,12 @@ from calm.train import TrainConfig
 
 BAD_COMPOSE = [
     # (kwargs, exception, pattern naming argument, value and what is allowed)
-    (dict(connections=[(6, 1)]), ValueError, r"connections\[0\] augment layer 6 is out of range: .*\[0, 5\]"),
-    (dict(connections=[(0, 4)]), ValueError, r"connections\[0\] anchor layer 4 is out of range: .*\[0, 3\]"),
-    (dict(connections=[(-1, 0)]), ValueError, r"augment layer -1 is out of range"),
+    (dict(connections=[(6, 1)]), ValueError, r"connections\[0\] augment layer 6 is out of range: .*\[-1, 5\]"),
+    (dict(connections=[(0, 4)]), ValueError, r"connections\[0\] anchor layer 4 is out of range: .*\[-1, 3\]"),
+    (dict(connections=[(-2, 0)]), ValueError, r"augment layer -2 is out of range"),
     (dict(connections=[(0, 2), (1, 1)]), ValueError, r"connections\[1\] anchor layer 1 must be greater .* \(2\)"),
     (dict(connections=[(0, 1), (1, 1)]), ValueError, r"anchor layers must be strictly increasing"),
-    (dict(connections=[(0.5, 1)]), ValueError, r"augment layer 0\.5 is not an integer: .*\[0, 5\]"),
+    (dict(connections=[(0.5, 1)]), ValueError, r"augment layer 0\.5 is not an integer: .*\[-1, 5\]"),
     (dict(connections=[(True, 1)]), ValueError, r"augment layer True is not an integer"),
     (dict(connections=[(0, 1, 2)]), ValueError, r"connections\[0\]=\(0, 1, 2\) is invalid: expected a pair"),
     (dict(connections=[(0,)]), ValueError, r"expected a pair"),
@@ -173,7 +173,7 @@ def test_any_connection_spec_is_valid_or_refused_by_name(augment_layers, anchor_
             assert repr(value) in str(e), str(e)  # ... and the bad value
         return
     assert resolved, "an accepted spec connects something"
-    assert all(0 <= a < augment_layers and 0 <= b < anchor_layers for a, b in resolved)
+    assert all(-1 <= a < augment_layers and -1 <= b < anchor_layers for a, b in resolved)  # -1: embeddings
     assert all(resolved[i][1] < resolved[i + 1][1] for i in range(len(resolved) - 1))
     if kind == "connections":
         assert resolved == explicit
