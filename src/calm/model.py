@@ -253,18 +253,17 @@ class CALMForCausalLM(PreTrainedModel, GenerationMixin):
             for j, (_, b) in enumerate(conns):
                 by_block.setdefault(b, []).append((self.composition[k][j], *keys_values[k][j]))
 
+        def updated(hidden, entries):
+            return hidden + sum(layer(hidden, keys, values, mask, position_ids) for layer, keys, values in entries)
+
         def inject(entries):
             def hook(module, args, output):
-                hidden = _block_output(output)
-                update = sum(layer(hidden, keys, values, mask, position_ids) for layer, keys, values in entries)
-                return _replace_block_output(output, hidden + update)
+                return _replace_block_output(output, updated(_block_output(output), entries))
             return hook
 
         def inject_input(entries):
             def hook(module, args, kwargs):
-                hidden = _block_input(args, kwargs)
-                update = sum(layer(hidden, keys, values, mask, position_ids) for layer, keys, values in entries)
-                return _replace_block_input(args, kwargs, hidden + update)
+                return _replace_block_input(args, kwargs, updated(_block_input(args, kwargs), entries))
             return hook
 
         handles = [self._anchor_blocks[b].register_forward_hook(inject(e)) for b, e in by_block.items() if b >= 0]
