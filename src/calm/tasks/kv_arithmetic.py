@@ -58,8 +58,9 @@ class KVConfig:
     reversed_results: bool = False
     # Not in the paper: each key is one token of a word-level vocabulary (digits, operators and markers stay
     # single characters). A large LM recalls an entity's attributes at the entity's last token; a 4-block
-    # model reading keys letter by letter recalls a value only where it writes it out (a linear probe on its
-    # states at a key's last letter finds the value's digits at chance), leaving nothing there to compose.
+    # model reading keys letter by letter recalls a value only where it writes it out (`kv_probe`: a linear
+    # probe on its states at a key's last letter finds the value's digits near chance), leaving nothing there
+    # to compose.
     # False: keys are spelled letter by letter, as in the paper's SentencePiece vocabulary.
     key_tokens: bool = True
     # Not in the paper, off by default: the vocabulary also has one token per value ('#07'), as BPE
