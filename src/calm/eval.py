@@ -23,19 +23,23 @@ from .data import (
 
 @torch.no_grad()
 def greedy_completions(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int,
-                       batch_size: int = 32, progress: bool = False, **generate_kwargs: Any) -> list[str]:
+                       batch_size: int = 32, progress: bool = False, require_eos: bool = False,
+                       desc: str = "generate", **generate_kwargs: Any) -> list[str]:
     """Greedy completion of each prompt, encoded exactly like training prompts and batched with left padding;
-    the text before the first EOS, without special tokens."""
+    the text before the first EOS, without special tokens. With `require_eos`, a completion that never
+    reaches EOS is returned as "" (so it cannot match an expected completion)."""
     device = getattr(model, "device", "cpu")
     eos = tokenizer.eos_token_id
     completions: list[str] = []
-    for start in tqdm(range(0, len(prompts), batch_size), desc="generate", disable=not progress, leave=False):
+    for start in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=not progress, leave=False):
         batch = {k: v.to(device) for k, v in encode_prompts(tokenizer, prompts[start:start + batch_size]).items()}
         out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
                              pad_token_id=pad_token_id(tokenizer), eos_token_id=eos, **generate_kwargs)
         for ids in out[:, batch["input_ids"].shape[1]:].tolist():
             if eos in ids:
                 ids = ids[: ids.index(eos)]
+            elif require_eos:
+                ids = []
             completions.append(tokenizer.decode(ids, skip_special_tokens=True))
     return completions
 

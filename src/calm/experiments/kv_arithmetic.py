@@ -34,6 +34,7 @@ from transformers import (
     set_seed,
 )
 
+from calm.eval import greedy_completions
 from calm.tasks.kv_arithmetic import (
     Example,
     KVConfig,
@@ -332,31 +333,19 @@ def evaluate_exact_match(
     if max_new_tokens is None:  # the longest expected completion, plus its EOS
         max_new_tokens = max(len(tokenizer(ex["completion"], add_special_tokens=False)["input_ids"])
                              for ex in examples) + 1
-    old_side, tokenizer.padding_side = tokenizer.padding_side, "left"
     was_training = model.training
     model.eval()
     order = sorted(range(len(examples)), key=lambda i: len(examples[i]["prompt"]))
-    predictions: list[str] = [""] * len(examples)
     try:
-        for start in tqdm(range(0, len(order), batch_size), desc=desc, leave=False, mininterval=2.0):
-            idx = order[start : start + batch_size]
-            batch = tokenizer([examples[i]["prompt"] for i in idx], return_tensors="pt", padding=True)
-            batch = batch.to(model.device)
-            out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
-                                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-            for i, row in zip(idx, out[:, batch["input_ids"].shape[1]:].tolist()):
-                predictions[i] = _completion_until_eos(row, tokenizer)
+        completions = greedy_completions(model, tokenizer, [examples[i]["prompt"] for i in order], max_new_tokens,
+                                         batch_size, progress=True, require_eos=True, desc=desc)
     finally:
-        tokenizer.padding_side = old_side
         model.train(was_training)
+    predictions: list[str] = [""] * len(examples)
+    for i, completion in zip(order, completions):
+        predictions[i] = completion
     correct = sum(p == ex["completion"] for p, ex in zip(predictions, examples))
     return EvalResult(accuracy=correct / max(1, len(examples)), predictions=predictions)
-
-
-def _completion_until_eos(ids: list[int], tokenizer: PreTrainedTokenizerBase) -> str:
-    if tokenizer.eos_token_id not in ids:
-        return ""  # never finished: counts as wrong whatever it wrote
-    return tokenizer.decode(ids[: ids.index(tokenizer.eos_token_id)], skip_special_tokens=True)
 
 
 def evaluate_models(
