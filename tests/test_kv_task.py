@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import itertools
+import random
+import re
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -23,22 +25,29 @@ from calm.experiments.kv_arithmetic import (
     TrainSpec,
     build_task,
     collate,
+    digit_mixup_loss,
     evaluate_exact_match,
     load_eval_sets,
     load_frozen,
     make_llama,
+    mean_embed_untrained_tokens,
+    soft_label_loss,
     train_base_models,
+    train_causal_lm,
 )
 from calm.tasks.kv_arithmetic import (
     Expression,
     KVConfig,
     NumberFormat,
     build_tokenizer,
+    change_one_digit,
     evaluate_numeric,
+    evaluate_prompt,
     example_stream,
     make_kv_data,
     make_splits,
     numeric_table,
+    numeric_vocabulary,
     read_jsonl,
     write_jsonl,
 )
@@ -63,7 +72,7 @@ def tokenizer():
 
 
 def _keys_of(prompt: str) -> list[str]:
-    return prompt[:-1].replace("-", "+").replace("*", "+").split("+")
+    return prompt[:-1].replace("-", "+").replace("*", "+").replace("_", "").split("+")
 
 
 def test_d_kv_keys_and_values(data):
@@ -89,7 +98,7 @@ def test_config_rejects_impossible_settings():
 
 @pytest.mark.parametrize("fixed_width", [False, True])
 def test_three_task_formats(fixed_width):
-    data = make_kv_data(replace(CFG, fixed_width_numbers=fixed_width))
+    data = make_kv_data(replace(CFG, fixed_width_numbers=fixed_width, pad_keys=False))
     k1, k2, k3 = data.all_keys[:3]
     data.table.update({k1: 10, k2: 7, k3: 24})
     e = Expression(keys=(k1, k2, k3), ops=("+", "-"))
@@ -97,6 +106,35 @@ def test_three_task_formats(fixed_width):
     assert data.kv_substitution(e) == {"prompt": f"{k1}+{k2}-{k3}:", "completion": values}
     assert data.numeric_arithmetic(e) == {"prompt": f"{values}=", "completion": result}
     assert data.kv_arithmetic(e) == {"prompt": f"{k1}+{k2}-{k3}=", "completion": result}
+
+
+def test_padded_keys_line_up_token_for_token_with_their_values(data, tmp_path):
+    tokenizer = build_tokenizer(CFG, keys=list(data.table))
+    e = Expression(keys=tuple(data.all_keys[:3]), ops=("+", "-"))
+    numeric, keyed = data.numeric_arithmetic(e)["prompt"], data.kv_arithmetic(e)["prompt"]
+    assert keyed == "+".join([f"{e.keys[0]}_", f"{e.keys[1]}_-{e.keys[2]}_="])  # quick(): 2-digit values
+    numeric_tokens = tokenizer.convert_ids_to_tokens(tokenizer(numeric)["input_ids"])
+    keyed_tokens = tokenizer.convert_ids_to_tokens(tokenizer(keyed)["input_ids"])
+    assert len(numeric_tokens) == len(keyed_tokens)
+    assert [t for t, n in zip(keyed_tokens, numeric_tokens) if not n.isdigit()] == \
+        [t for t in numeric_tokens if not t.isdigit()]  # operators and markers at the same positions
+    assert keyed_tokens[1:3] == [e.keys[0], "_"]
+    assert data.kv_substitution(e)["prompt"] == keyed[:-1] + ":"
+    with pytest.raises(ValueError, match="pad_keys"):
+        replace(CFG, key_tokens=False)
+
+
+def test_one_digit_changes_with_its_result():
+    rng = random.Random(0)
+    fmt = NumberFormat(value_width=2, result_width=3)
+    assert evaluate_prompt("07+20-3=") == 24 and evaluate_prompt("2+3*4=") == 14
+    with pytest.raises(ValueError, match="digits"):
+        evaluate_prompt("ab+07=")
+    for _ in range(50):
+        i, changed = change_one_digit({"prompt": "07+20=", "completion": "+027"}, rng, fmt)
+        assert changed["prompt"][i] != "07+20="[i] and changed["prompt"][i].isdigit()
+        assert changed["prompt"][:i] + changed["prompt"][i + 1:] == "07+20="[:i] + "07+20="[i + 1:]
+        assert changed["completion"] == fmt.result(evaluate_prompt(changed["prompt"]))
 
 
 def test_fixed_width_numbers_cover_every_result():
@@ -115,13 +153,16 @@ def test_numeric_evaluation_uses_usual_precedence():
     assert evaluate_numeric([7], ()) == 7
 
 
-def test_composition_data_uses_only_seen_keys(data, splits):
-    seen = set(data.seen_keys)
-    kv_prompts = [ex["prompt"] for ex in splits.composition_train]
-    assert len(kv_prompts) == CFG.num_composition_examples * len(CFG.composition_tasks)
-    assert all(set(_keys_of(p)) <= seen for p in kv_prompts)
-    markers = {p[-1] for p in kv_prompts}
-    assert markers == {CFG.substitution_marker, CFG.arithmetic_marker}
+@pytest.mark.parametrize("tasks", [("kv_arithmetic",), ("kv_arithmetic", "kv_substitution")])
+def test_composition_data_uses_only_seen_keys(data, tasks):
+    cfg = replace(CFG, composition_tasks=tasks)
+    kv_prompts = [ex["prompt"] for ex in make_splits(cfg, data).composition_train]
+    singles = len(data.seen_keys) * cfg.single_key_examples
+    assert len(kv_prompts) == (cfg.num_composition_examples + singles) * len(tasks)
+    assert all(set(_keys_of(p)) <= set(data.seen_keys) for p in kv_prompts)
+    assert sum(len(_keys_of(p)) == 1 for p in kv_prompts) == singles * len(tasks)
+    assert {p[-1] for p in kv_prompts} == {cfg.substitution_marker, cfg.arithmetic_marker}.intersection(
+        {"kv_arithmetic": cfg.arithmetic_marker, "kv_substitution": cfg.substitution_marker}[t] for t in tasks)
 
 
 def test_eval_sets_are_held_out_and_split_by_keys(data, splits):
@@ -167,8 +208,10 @@ def test_numeric_training_mixes_digits_and_number_tokens_but_keeps_held_out_expr
     as_digits = {ex["prompt"].replace("#", "") for ex in drawn}
     assert not as_digits & {ex["prompt"] for ex in held_out}  # neither writing of a held-out expression
     tokens_per_prompt = [ex["prompt"].count("#") for ex in drawn]
+    operands = [len(re.findall(r"\d+", ex["prompt"])) for ex in drawn]
     assert {0, 1, 2} <= set(tokens_per_prompt)  # each operand independently
-    assert 0.4 < sum(tokens_per_prompt) / (2 * len(drawn)) < 0.6
+    assert 0.4 < sum(tokens_per_prompt) / sum(operands) < 0.6
+    assert set(operands) == {CFG.train_operands_min, CFG.operands_max}  # one-operand expressions too
     assert all(not any(c.isalpha() for c in ex["prompt"]) for ex in drawn)
     plain = example_stream(CFG, table, "numeric_arithmetic", seed=0)
     assert not any("#" in next(plain)["prompt"] for _ in range(200))
@@ -213,7 +256,7 @@ def test_key_tokens_make_each_key_one_token_and_spell_other_words(data, tmp_path
     tokenizer.save_pretrained(tmp_path)
     loaded = PreTrainedTokenizerFast.from_pretrained(tmp_path)
     assert loaded(keys[3] + "*" + word)["input_ids"] == tokenizer(keys[3] + "*" + word)["input_ids"]
-    spelled = build_tokenizer(replace(CFG, key_tokens=False), keys=keys)
+    spelled = build_tokenizer(replace(CFG, key_tokens=False, pad_keys=False), keys=keys)
     assert len(spelled(keys[0])["input_ids"]) == len(keys[0]) + 1
 
 
@@ -227,6 +270,49 @@ def test_collate_labels_only_the_completion_and_eos(tokenizer):
     assert set(first_labels[7:]) == {-100}
     assert batch["attention_mask"][0].tolist() == [1] * 7 + [0] * (batch["input_ids"].shape[1] - 7)
     assert batch["labels"][1].tolist()[-1] == eos
+
+
+def test_soft_label_loss_blends_two_targets_until_they_part():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 7)
+    labels = torch.tensor([[-100, -100, 3, 4, 5], [-100, 1, 2, 3, -100]])
+    alt = torch.tensor([[-100, -100, 6, 4, 5], [-100, 1, 2, 3, -100]])  # row 0 parts at its first target
+    plain = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 7), labels[:, 1:].reshape(-1))
+    assert torch.allclose(soft_label_loss(logits, labels, alt, torch.ones(2)), plain)
+    assert torch.allclose(soft_label_loss(logits, labels, labels, torch.full((2,), 0.3)), plain)
+    nll = -logits[:, :-1].log_softmax(-1)
+    half = soft_label_loss(logits, labels, alt, torch.tensor([0.5, 1.0]))
+    expected = (0.5 * nll[0, 1, 3] + 0.5 * nll[0, 1, 6] + nll[0, 2, 4] + nll[0, 3, 5]  # 4 and 5: gold only
+                + nll[1, 0, 1] + nll[1, 1, 2] + nll[1, 2, 3]) / 6
+    assert torch.allclose(half, expected)
+
+
+def test_digit_mixup_loss_trains_m_b_and_is_the_plain_loss_without_mixing(tokenizer, splits):
+    model = make_llama(ModelSpec(1, 16, 2, 32), tokenizer, seed=0)
+    examples = splits.eval_sets["numeric_arithmetic"][:8]
+    numbers = NumberFormat.for_config(CFG)
+    plain = model(**collate(examples, tokenizer)).loss
+    unmixed = digit_mixup_loss(model, examples, tokenizer, numbers, share=0.0, rng=random.Random(0))
+    assert torch.allclose(plain, unmixed, atol=1e-6)
+    mixed = digit_mixup_loss(model, examples, tokenizer, numbers, share=1.0, rng=random.Random(0))
+    assert not torch.allclose(plain, mixed)
+    mixed.backward()
+    assert model.get_input_embeddings().weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="number format"):
+        train_causal_lm(model, tokenizer, iter(examples), TrainSpec(steps=1, batch_size=2, lr=1e-3, digit_mixup=0.5))
+
+
+def test_untrained_tokens_get_the_mean_embedding(tokenizer):
+    model = make_llama(ModelSpec(1, 16, 2, 32), tokenizer, seed=0)
+    weight = model.get_input_embeddings().weight
+    trained = set(tokenizer.convert_tokens_to_ids(numeric_vocabulary(CFG)))
+    before = weight.detach().clone()
+    mean_embed_untrained_tokens(model, trained)
+    rows = sorted(trained)
+    assert torch.equal(weight[rows], before[rows])
+    untrained = [i for i in range(len(weight)) if i not in trained]
+    assert torch.allclose(weight[untrained], before[rows].mean(0).expand(len(untrained), -1))
+    assert set(numeric_vocabulary(CFG)) == set("0123456789+-=")
 
 
 def test_jsonl_round_trip(splits, tmp_path):
@@ -281,7 +367,7 @@ def test_left_padded_batches_decode_like_single_examples(tokenizer, splits):
 def test_quick_pipeline_writes_task_and_frozen_models(tmp_path):
     cfg = ExperimentConfig.quick()
     few = TrainSpec(steps=3, batch_size=8, lr=1e-3, warmup_steps=1)
-    cfg = replace(cfg, m_a_train=few, m_b_train=few, vanilla_train=few)
+    cfg = replace(cfg, m_a_train=few, m_b_train=replace(few, digit_mixup=0.8), vanilla_train=few)
     paths = train_base_models(cfg, tmp_path)
     assert set(load_eval_sets(tmp_path)) == set(make_splits(cfg.task, make_kv_data(cfg.task)).eval_sets)
     assert len(read_jsonl(tmp_path / "data" / "composition_train.jsonl")) > 0
@@ -290,7 +376,11 @@ def test_quick_pipeline_writes_task_and_frozen_models(tmp_path):
     assert not any(p.requires_grad for p in m_a.parameters())
     random_init = load_frozen(paths.m_a_random)
     assert not torch.equal(random_init.lm_head.weight, m_a.lm_head.weight)  # m_A was trained, the init was not
-    assert PreTrainedTokenizerFast.from_pretrained(paths.tokenizer).pad_token_id == m_a.config.pad_token_id
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(paths.tokenizer)
+    assert tokenizer.pad_token_id == m_a.config.pad_token_id
+    first, second = tokenizer.convert_tokens_to_ids(make_kv_data(cfg.task).all_keys[:2])
+    m_b_rows = m_b.get_input_embeddings().weight
+    assert torch.equal(m_b_rows[first], m_b_rows[second])  # keys are all "unknown" to m_B
 
 
 def test_build_task_is_reproducible_and_saves_its_config(tmp_path):

@@ -23,7 +23,9 @@ def test_quick_reproduction_writes_every_output(tmp_path):
     for name in ("results.md", "results.json", "learning_curves.png", "attention.png"):
         assert (out / name).is_file(), name
     result = json.loads((out / "results.json").read_text())
-    assert set(result["table"]) == {"m_A", "m_B", "CALM", "m_B + LoRA", "m_B fine-tuned"}
+    assert set(result["table"]) == {"m_A", "m_B", "CALM", "CALM, D_C + KV-Substitution", "m_B + LoRA",
+                                    "m_B fine-tuned"}
+    assert result["settings"]["d_c_tasks"] == ["kv_arithmetic"]
     assert set(result["table"]["CALM"]) == {"kv_substitution", "numeric_arithmetic", "kv_arithmetic_seen",
                                             "kv_arithmetic_unseen"}
     calm_params, lora_params = (result["runs"][k]["trainable_params"] for k in ("CALM", "m_B + LoRA"))

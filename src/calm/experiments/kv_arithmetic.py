@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -40,11 +41,14 @@ from calm.tasks.kv_arithmetic import (
     KVConfig,
     KVData,
     KVSplits,
+    NumberFormat,
     build_tokenizer,
+    change_one_digit,
     example_stream,
     make_kv_data,
     make_splits,
     numeric_table,
+    numeric_vocabulary,
     read_jsonl,
     write_jsonl,
 )
@@ -73,6 +77,11 @@ class TrainSpec:
     warmup_steps: int = 50
     weight_decay: float = 0.0  # memorising D_KV is the point for m_A, so no decay by default
     seed: int = 0
+    # Not in the paper (m_B only): the share of examples whose input blends one operand digit with another,
+    # lam * e(d) + (1 - lam) * e(d') with lam ~ U(0, 1), and whose target blends the two results alike
+    # (soft-label mixup, `digit_mixup_loss`). m_B then answers sensibly between digits, so a gradient
+    # through m_B points the composition towards the right digits instead of nowhere in particular.
+    digit_mixup: float = 0.0
 
 
 @dataclass
@@ -85,7 +94,8 @@ class ExperimentConfig:
     m_a: ModelSpec = field(default_factory=lambda: ModelSpec(4, 96, 4, 384))
     m_b: ModelSpec = field(default_factory=lambda: ModelSpec(4, 128, 4, 512))
     m_a_train: TrainSpec = field(default_factory=lambda: TrainSpec(steps=800, batch_size=64, lr=5e-3))
-    m_b_train: TrainSpec = field(default_factory=lambda: TrainSpec(steps=2000, batch_size=64, lr=2e-3))
+    m_b_train: TrainSpec = field(default_factory=lambda: TrainSpec(steps=2000, batch_size=64, lr=2e-3,
+                                                                    digit_mixup=0.8))
     vanilla_train: TrainSpec = field(default_factory=lambda: TrainSpec(steps=800, batch_size=64, lr=5e-3))
     eval_batch_size: int = 250
     num_threads: int = 0  # torch CPU threads; 0 = one per core
@@ -95,8 +105,8 @@ class ExperimentConfig:
         """Tiny models and few steps: runs every step of the pipeline in seconds, accuracy irrelevant."""
         tiny = ModelSpec(2, 32, 2, 64)
         short = TrainSpec(steps=20, batch_size=16, lr=3e-3, warmup_steps=2)
-        return cls(task=KVConfig.quick(), m_a=tiny, m_b=ModelSpec(2, 48, 2, 96),
-                   m_a_train=short, m_b_train=short, vanilla_train=short, eval_batch_size=64)
+        return cls(task=KVConfig.quick(), m_a=tiny, m_b=ModelSpec(2, 48, 2, 96), m_a_train=short,
+                   m_b_train=replace(short, digit_mixup=0.8), vanilla_train=short, eval_batch_size=64)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -214,18 +224,65 @@ def collate(examples: Sequence[Example], tokenizer: PreTrainedTokenizerBase) -> 
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
+def soft_label_loss(logits: torch.Tensor, labels: torch.Tensor, alt_labels: torch.Tensor,
+                    weight: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy against a blend of two targets: `weight` (B,) on `labels`, the rest on
+    `alt_labels` (-100: ignored). Once the two differ, the teacher-forced prefix is `labels`' and rules the
+    alternative out, so from the token after the first difference on all the weight is on `labels`."""
+    logp = logits[:, :-1].float().log_softmax(-1)
+    gold, alt = labels[:, 1:], alt_labels[:, 1:]
+    valid = gold != -100
+    nll_gold = -logp.gather(-1, gold.clamp(min=0)[..., None])[..., 0]
+    nll_alt = -logp.gather(-1, alt.clamp(min=0)[..., None])[..., 0]
+    differs = (gold != alt) & valid
+    agreed_so_far = (differs.cumsum(-1) - differs.long()) == 0
+    w_gold = weight[:, None]
+    w_alt = (1 - weight[:, None]) * agreed_so_far
+    w_gold = w_gold / (w_gold + w_alt)
+    return ((w_gold * nll_gold + (1 - w_gold) * nll_alt) * valid).sum() / valid.sum()
+
+
+def digit_mixup_loss(model: PreTrainedModel, examples: Sequence[Example], tokenizer: PreTrainedTokenizerBase,
+                     numbers: NumberFormat, share: float, rng: random.Random) -> torch.Tensor:
+    """Loss on Numeric-Arithmetic `examples` where a `share` of them have one operand digit's embedding blended
+    with another digit's and the target blended alike (see `TrainSpec.digit_mixup`)."""
+    batch = collate(examples, tokenizer)
+    alt_examples, alt_ids = list(examples), batch["input_ids"].clone()
+    weight = torch.ones(len(examples))
+    for b, example in enumerate(examples):
+        if rng.random() < share:
+            i, alt_examples[b] = change_one_digit(example, rng, numbers)
+            position = len(tokenizer(example["prompt"][:i])["input_ids"])  # BOS + the tokens before the digit
+            alt_ids[b, position] = tokenizer.convert_tokens_to_ids(alt_examples[b]["prompt"][i])
+            weight[b] = rng.random()
+    alt_labels = collate(alt_examples, tokenizer)["labels"]
+    if alt_labels.shape != batch["labels"].shape:
+        raise ValueError("digit mixup needs results of one width (KVConfig.fixed_width_numbers=True)")
+    device = model.device
+    embed = model.get_input_embeddings()
+    w = weight.to(device)[:, None, None]
+    inputs = w * embed(batch["input_ids"].to(device)) + (1 - w) * embed(alt_ids.to(device))
+    logits = model(inputs_embeds=inputs, attention_mask=batch["attention_mask"].to(device)).logits
+    return soft_label_loss(logits, batch["labels"].to(device), alt_labels.to(device), weight.to(device))
+
+
 def train_causal_lm(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     stream: Iterator[Example],
     spec: TrainSpec,
     desc: str = "train",
+    numbers: NumberFormat | None = None,
 ) -> list[float]:
     """Train `model` in place on `spec.steps` batches drawn from `stream`; returns the loss per step.
 
-    AdamW + warmup/cosine schedule, gradient clipping at 1.0; accelerate handles the device.
+    AdamW + warmup/cosine schedule, gradient clipping at 1.0; accelerate handles the device. With
+    `spec.digit_mixup`, the stream must be Numeric-Arithmetic written with `numbers`.
     """
+    if spec.digit_mixup and numbers is None:
+        raise ValueError("TrainSpec.digit_mixup needs the number format of the Numeric-Arithmetic stream")
     set_seed(spec.seed)
+    rng = random.Random(spec.seed)
     accelerator = Accelerator()
     optimizer = torch.optim.AdamW(model.parameters(), lr=spec.lr, betas=(0.9, 0.98),
                                   weight_decay=spec.weight_decay)
@@ -235,8 +292,12 @@ def train_causal_lm(
     losses = []
     bar = tqdm(range(spec.steps), desc=desc, mininterval=2.0)
     for _ in bar:
-        batch = collate([next(stream) for _ in range(spec.batch_size)], tokenizer)
-        loss = model(**{k: v.to(accelerator.device) for k, v in batch.items()}).loss
+        examples = [next(stream) for _ in range(spec.batch_size)]
+        if spec.digit_mixup:
+            loss = digit_mixup_loss(model, examples, tokenizer, numbers, spec.digit_mixup, rng)
+        else:
+            batch = collate(examples, tokenizer)
+            loss = model(**{k: v.to(accelerator.device) for k, v in batch.items()}).loss
         accelerator.backward(loss)
         accelerator.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -247,6 +308,19 @@ def train_causal_lm(
     model = accelerator.unwrap_model(model)
     model.eval()
     return losses
+
+
+def mean_embed_untrained_tokens(model: PreTrainedModel, trained_ids: set[int]) -> None:
+    """Set the input embedding of every token the model never trained on to the mean of the trained ones.
+
+    Left at their random init, these rows make m_B's state at a key (a token it never saw) differ from key to
+    key for no reason, and the composition's queries with it; the mean is the same "unknown token" for all
+    (as `resize_token_embeddings` starts new tokens from the mean)."""
+    weight = model.get_input_embeddings().weight
+    trained = torch.zeros(len(weight), dtype=torch.bool, device=weight.device)
+    trained[sorted(trained_ids)] = True
+    with torch.no_grad():
+        weight[~trained] = weight[trained].mean(0)
 
 
 def freeze(model: PreTrainedModel) -> PreTrainedModel:
@@ -291,8 +365,11 @@ def train_base_models(cfg: ExperimentConfig, out_dir: str | Path, task: KVTask |
     for name, (spec, train, stream) in runs.items():
         model = make_llama(spec, tok, seed=train.seed)
         start = time.perf_counter()
-        train_causal_lm(model, tok, stream, train, desc=name)
+        train_causal_lm(model, tok, stream, train, desc=name, numbers=task.data.numbers)
         seconds[name] = time.perf_counter() - start
+        if name == "m_b":
+            trained = {tok.bos_token_id, tok.eos_token_id, *tok.convert_tokens_to_ids(numeric_vocabulary(kv))}
+            mean_embed_untrained_tokens(model, trained)
         freeze(model).save_pretrained(models_dir / name)
     freeze(make_llama(cfg.m_a, tok, seed=cfg.m_a_train.seed)).save_pretrained(models_dir / "m_a_random")
     (models_dir / "train_seconds.json").write_text(json.dumps(seconds, indent=2))
@@ -393,11 +470,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of D_KV, the splits and every training run")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: one per core)")
     parser.add_argument("--spelled-keys", action="store_true",
-                        help="keys spelled letter by letter (KVConfig.key_tokens=False) instead of one token each")
+                        help="keys spelled letter by letter, unpadded (KVConfig.key_tokens=False, pad_keys=False) "
+                             "instead of one token each")
     args = parser.parse_args(argv)
     cfg = ExperimentConfig.quick() if args.quick else ExperimentConfig()
     cfg = with_seed(cfg, args.seed)
-    cfg.task.key_tokens = not args.spelled_keys
+    if args.spelled_keys:
+        cfg = replace(cfg, task=replace(cfg.task, key_tokens=False, pad_keys=False))
     cfg.num_threads = args.threads
     start = time.perf_counter()
     task = build_task(cfg, args.out)

@@ -20,6 +20,7 @@ import torch
 from transformers import PreTrainedTokenizerFast
 
 from calm.experiments.kv_arithmetic import load_frozen
+from calm.tasks.kv_arithmetic import KEY_PAD
 
 PROMPTS_PER_KEY = 5
 
@@ -30,7 +31,7 @@ def states_at(model, tokenizer, prompts: list[str], position: str) -> torch.Tens
     rows = []
     for prompt in prompts:
         ids = tokenizer(prompt)["input_ids"]
-        first_key = prompt.split("+")[0]
+        first_key = prompt.split("+")[0].rstrip(KEY_PAD)
         index = len(tokenizer(first_key)["input_ids"]) - 1 if position == "key" else len(ids) - 1
         hidden = model(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states
         rows.append(torch.stack([h[0, index] for h in hidden]))

@@ -3,11 +3,14 @@
 D_KV maps random lowercase strings ("keys") to unique integers ("values"). One arithmetic expression over
 keys gives three tasks, told apart by the prompt's last character:
 
-    KV-Substitution      "abc+de-f:"  -> "10+22-24"   (what m_A is trained on: it memorises D_KV)
-    Numeric-Arithmetic   "10+22-24="  -> "8"          (what m_B is trained on: it never sees a key)
-    KV-Arithmetic        "abc+de-f="  -> "8"          (what neither can do alone; the composition's target)
+    KV-Substitution      "abc_+de_-f_:"  -> "10+22-24"   (what m_A is trained on: it memorises D_KV)
+    Numeric-Arithmetic   "10+22-24="     -> "+008"       (what m_B is trained on: it never sees a key)
+    KV-Arithmetic        "abc_+de_-f_="  -> "+008"       (what neither can do alone; the composition's target)
 
-KV-Substitution and KV-Arithmetic share the same inputs, so they need different terminators (':' and '=').
+By default numbers have a fixed width and each key is one token padded to a value's width ('_'), so a key
+prompt lines up token for token with its numeric twin (`KVConfig.pad_keys`); the paper's plain format is one
+setting away. KV-Substitution and KV-Arithmetic share the same inputs, so they need different terminators
+(':' and '=').
 Completions are plain strings here; the tokenizer appends the EOS token when a model is trained on them.
 Because every model is causal, m_A's states on the keys are the same whether the prompt later ends in ':'
 or '=': the composition reads m_A's knowledge at exactly the positions m_A was trained on.
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import string
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -30,6 +34,7 @@ Example = dict[str, str]  # {"prompt": ..., "completion": ...}
 TASKS = ("kv_substitution", "numeric_arithmetic", "kv_arithmetic")
 PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
 NUMBER_TOKEN_PREFIX = "#"  # '#07' is one token: the value 7 as a whole
+KEY_PAD = "_"  # fills a key out to a value's width: 'abc__' lines up with '007'
 
 
 @dataclass
@@ -47,6 +52,9 @@ class KVConfig:
     # Expressions. Two operands: a 4-layer m_B learns "a±b" in ~1500 steps; "a±b±c" took >3000 steps.
     operands_min: int = 2  # paper: 3
     operands_max: int = 2  # paper: 6
+    # Not in the paper: the base models' training expressions also go down to this many operands (one: the
+    # expression is the number itself, '07=' -> '+007'). Evaluation keeps [operands_min, operands_max].
+    train_operands_min: int = 1
     operators: str = "+-"  # paper: "+-*" (× is written '*'); '*' binds tighter, as usual
     # Not in the paper: write every number with a fixed number of digits ("07+20=" -> "+027"), so digit i
     # of every operand and of the result sits at a fixed offset; the numbers themselves are unchanged.
@@ -60,7 +68,7 @@ class KVConfig:
     # single characters). A large LM recalls an entity's attributes at the entity's last token; a 4-block
     # model reading keys letter by letter recalls a value only where it writes it out (`kv_probe`: a linear
     # probe on its states at a key's last letter finds the value's digits near chance), leaving nothing there
-    # to compose.
+    # to compose. One token per key also lets the key's first slot know which key it is (`pad_keys`).
     # False: keys are spelled letter by letter, as in the paper's SentencePiece vocabulary.
     key_tokens: bool = True
     # Not in the paper, off by default: the vocabulary also has one token per value ('#07'), as BPE
@@ -69,13 +77,26 @@ class KVConfig:
     # '#07+#22='. Tried on seed 0: m_B reached 65% after 5000 steps (vs 100% after 2000 with digits only) and
     # CALM's KV-Arithmetic stayed at 1-3%, so it stays off.
     number_tokens: bool = False
+    # Not in the paper: each key is followed by value_width - 1 pad tokens ('_'), so that a key prompt
+    # 'abc__+de__=' lines up token for token with its numeric twin '007+020='. m_B finds an operand's digits at
+    # fixed offsets; with the keys padded, the composition only has to turn a key's slots into its digits.
+    # Needs key_tokens and fixed_width_numbers.
+    pad_keys: bool = True
     seen_fraction: float = 0.2  # paper: 0.2 -- D_C only uses keys from this fraction of D_KV
     substitution_marker: str = ":"  # not in the paper (its tasks are separate prompts)
     arithmetic_marker: str = "="  # not in the paper
     # D_C size in expressions, each giving one example per composition task; paper: not stated. With 20
     # seen keys and two operands there are 20*20*2 = 800 expressions: 500 for D_C, 300 held out.
     num_composition_examples: int = 500
-    composition_tasks: tuple[str, ...] = ("kv_arithmetic", "kv_substitution")  # tasks each D_C expression gives
+    # Tasks each D_C expression gives. The issue asks for both KV tasks, the paper's §3.2 for arithmetic only.
+    # With KV-Substitution in D_C the composition fit D_C's own KV-Arithmetic prompts but not new expressions
+    # over the same keys (trials, seed 0: 87% vs 7.5%): substitution pulls the key slots towards what makes m_B
+    # echo rather than add. The default run trains both ways and reports both (`kv_reproduce`).
+    composition_tasks: tuple[str, ...] = ("kv_arithmetic",)
+    # Not in the paper: D_C also holds each seen key alone ('abc_=' -> '+007'), this many times. A one-key
+    # expression pins a key's digits down directly (trials, seed 0: 66% -> 98% on new expressions over D_C's
+    # keys).
+    single_key_examples: int = 5
     num_eval: int = 300  # examples per held-out evaluation set; paper: not stated
 
     def __post_init__(self) -> None:
@@ -83,10 +104,14 @@ class KVConfig:
             raise ValueError(f"{self.num_keys} unique values do not fit in [{self.value_min}, {self.value_max}]")
         if not 1 <= self.key_len_min <= self.key_len_max:
             raise ValueError(f"bad key lengths [{self.key_len_min}, {self.key_len_max}]")
-        if not 1 <= self.operands_min <= self.operands_max:
-            raise ValueError(f"bad operand counts [{self.operands_min}, {self.operands_max}]")
+        if not 1 <= self.train_operands_min <= self.operands_min <= self.operands_max:
+            raise ValueError(f"bad operand counts: need 1 <= train_operands_min ({self.train_operands_min}) <= "
+                             f"operands_min ({self.operands_min}) <= operands_max ({self.operands_max})")
         if not self.operators or set(self.operators) - set("+-*"):
             raise ValueError(f"operators must be a non-empty subset of '+-*', got {self.operators!r}")
+        if self.pad_keys and not (self.key_tokens and self.fixed_width_numbers):
+            raise ValueError("pad_keys=True lines a one-token key up with a fixed-width value: it needs "
+                             "key_tokens=True and fixed_width_numbers=True")
         if unknown := set(self.composition_tasks) - set(TASKS):
             raise ValueError(f"unknown composition tasks {sorted(unknown)}; known: {TASKS}")
         self.composition_tasks = tuple(self.composition_tasks)  # JSON round trips give lists
@@ -157,9 +182,10 @@ class KVData:
     unseen_keys: list[str]  # the rest; only ever appear in evaluation of the composed model
     markers: dict[str, str] = field(default_factory=lambda: {"substitution": ":", "arithmetic": "="})
     numbers: NumberFormat = field(default_factory=NumberFormat)
+    key_pad: str = ""  # written after every key in a prompt (KVConfig.pad_keys)
 
     def kv_substitution(self, e: Expression) -> Example:
-        return {"prompt": e.render(e.keys) + self.markers["substitution"], "completion": self._values(e)}
+        return {"prompt": self._keys(e) + self.markers["substitution"], "completion": self._values(e)}
 
     def numeric_arithmetic(self, e: Expression, as_tokens: Sequence[bool] = ()) -> Example:
         """`as_tokens[i]`: write operand i as one number token ('#07') instead of its digits."""
@@ -169,8 +195,11 @@ class KVData:
                 "completion": self.numbers.result(self.result(e))}
 
     def kv_arithmetic(self, e: Expression) -> Example:
-        return {"prompt": e.render(e.keys) + self.markers["arithmetic"],
+        return {"prompt": self._keys(e) + self.markers["arithmetic"],
                 "completion": self.numbers.result(self.result(e))}
+
+    def _keys(self, e: Expression) -> str:
+        return e.render(k + self.key_pad for k in e.keys)
 
     def _values(self, e: Expression) -> str:
         return e.render(self.numbers.value(self.table[k]) for k in e.keys)
@@ -186,6 +215,23 @@ class KVData:
     @property
     def all_keys(self) -> list[str]:
         return self.seen_keys + self.unseen_keys
+
+
+def evaluate_prompt(prompt: str) -> int:
+    """The value of a Numeric-Arithmetic prompt written in digits ('007+020-3=' -> 24)."""
+    body = prompt[:-1]
+    if not re.fullmatch(r"\d+(?:[+\-*]\d+)*", body):
+        raise ValueError(f"not a Numeric-Arithmetic prompt in digits: {prompt!r}")
+    return evaluate_numeric([int(v) for v in re.findall(r"\d+", body)], tuple(re.findall(r"[+\-*]", body)))
+
+
+def change_one_digit(example: Example, rng: random.Random, numbers: NumberFormat) -> tuple[int, Example]:
+    """Numeric-Arithmetic `example` with one operand digit, picked at random, changed to another digit: the
+    digit's index in the prompt and the changed example, completed with its own result."""
+    prompt = example["prompt"]
+    i = rng.choice([j for j, c in enumerate(prompt) if c.isdigit()])
+    changed = prompt[:i] + rng.choice(string.digits.replace(prompt[i], "")) + prompt[i + 1:]
+    return i, {"prompt": changed, "completion": numbers.result(evaluate_prompt(changed))}
 
 
 def random_keys(rng: random.Random, count: int, len_min: int, len_max: int, avoid: set[str] = frozenset()) -> list[str]:
@@ -207,16 +253,18 @@ def make_kv_data(cfg: KVConfig, seed: int | None = None, avoid_keys: set[str] = 
     keys = random_keys(rng, cfg.num_keys, cfg.key_len_min, cfg.key_len_max, avoid=set(avoid_keys))
     values = rng.sample(range(cfg.value_min, cfg.value_max + 1), cfg.num_keys)
     num_seen = max(1, round(cfg.seen_fraction * cfg.num_keys))
+    numbers = NumberFormat.for_config(cfg)
     return KVData(table=dict(zip(keys, values)), seen_keys=keys[:num_seen], unseen_keys=keys[num_seen:],
-                  markers=_markers(cfg), numbers=NumberFormat.for_config(cfg))
+                  markers=_markers(cfg), numbers=numbers, key_pad=KEY_PAD * (numbers.value_width - 1) * cfg.pad_keys)
 
 
 def _markers(cfg: KVConfig) -> dict[str, str]:
     return {"substitution": cfg.substitution_marker, "arithmetic": cfg.arithmetic_marker}
 
 
-def random_expression(rng: random.Random, keys: list[str], cfg: KVConfig) -> Expression:
-    n = rng.randint(cfg.operands_min, cfg.operands_max)
+def random_expression(rng: random.Random, keys: list[str], cfg: KVConfig, operands_min: int | None = None
+                      ) -> Expression:
+    n = rng.randint(cfg.operands_min if operands_min is None else operands_min, cfg.operands_max)
     return Expression(keys=tuple(rng.choices(keys, k=n)), ops=tuple(rng.choices(cfg.operators, k=n - 1)))
 
 
@@ -244,6 +292,15 @@ def numeric_table(cfg: KVConfig) -> KVData:
                   markers=_markers(cfg), numbers=NumberFormat.for_config(cfg))
 
 
+def numeric_vocabulary(cfg: KVConfig) -> list[str]:
+    """Every token Numeric-Arithmetic is written with (besides BOS and EOS)."""
+    numbers = NumberFormat.for_config(cfg)
+    tokens = list(dict.fromkeys(string.digits + "+-" + cfg.operators + cfg.arithmetic_marker))
+    if cfg.number_tokens and numbers.value_width:
+        tokens += [NUMBER_TOKEN_PREFIX + numbers.value(v) for v in range(cfg.value_min, cfg.value_max + 1)]
+    return tokens
+
+
 @dataclass
 class KVSplits:
     """D_C for composition training and the held-out evaluation sets (lists of prompt/completion dicts)."""
@@ -262,7 +319,8 @@ def make_splits(cfg: KVConfig, data: KVData) -> KVSplits:
     """
     rng = random.Random(cfg.seed + 1)
     d_c = distinct_expressions(rng, data.seen_keys, cfg, cfg.num_composition_examples)
-    composition_train = [data.example(task, e) for e in d_c for task in cfg.composition_tasks]
+    singles = [Expression(keys=(k,), ops=()) for k in data.seen_keys] * cfg.single_key_examples
+    composition_train = [data.example(task, e) for e in d_c + singles for task in cfg.composition_tasks]
     rng.shuffle(composition_train)
     numbers = numeric_table(cfg)
     eval_sets = {
@@ -290,7 +348,7 @@ def example_stream(
     held_out_prompts = {ex["prompt"] for ex in held_out}
     mixed = task == "numeric_arithmetic" and cfg.number_tokens and data.numbers.value_width > 0
     while True:
-        e = random_expression(rng, data.all_keys, cfg)
+        e = random_expression(rng, data.all_keys, cfg, operands_min=cfg.train_operands_min)
         if mixed:
             ex = data.numeric_arithmetic(e, as_tokens=[rng.random() < 0.5 for _ in e.keys])
             digits = data.numeric_arithmetic(e)["prompt"]
@@ -324,7 +382,7 @@ def build_tokenizer(cfg: KVConfig, keys: Iterable[str] = ()) -> PreTrainedTokeni
     """
     specials = [PAD, BOS, EOS, UNK]
     chars = sorted(set(string.ascii_lowercase + string.digits + "+-*" + cfg.substitution_marker
-                       + cfg.arithmetic_marker))
+                       + cfg.arithmetic_marker + KEY_PAD * cfg.pad_keys))
     words = sorted(set(keys) - set(chars)) if cfg.key_tokens else []
     numbers = NumberFormat.for_config(cfg)
     number_tokens = ([NUMBER_TOKEN_PREFIX + numbers.value(v) for v in range(cfg.value_min, cfg.value_max + 1)]
