@@ -41,6 +41,13 @@ def test_quick_reproduction_writes_every_output(tmp_path):
     assert set(probes) == {"key", "end"} and all(len(rows) == layers + 1 for rows in probes.values())
     assert all(0 <= row[d] <= 100 for rows in probes.values() for row in rows for d in ("tens", "ones"))
 
+    # The steering test fits free vectors in the keys' slots through the frozen m_B.
+    from calm.experiments.kv_steer import steer
+
+    before, after = steer(out, steps=0), steer(out, steps=20, lr=0.1)
+    assert set(after) == {"d_c", "held_out"} and all(0 <= v <= 100 for v in after.values())
+    assert before == steer(out, steps=0)  # m_B and the data on disk are left as they were
+
     # Several seeds' runs combine into mean ± std (a second run faked from the first, CALM moved by 10 points).
     second = tmp_path / "kv2"
     second.mkdir()

@@ -472,11 +472,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--spelled-keys", action="store_true",
                         help="keys spelled letter by letter, unpadded (KVConfig.key_tokens=False, pad_keys=False) "
                              "instead of one token each")
+    parser.add_argument("--digit-mixup", type=float, default=None,
+                        help="share of m_B's examples trained with a blended digit (TrainSpec.digit_mixup; 0: off)")
     args = parser.parse_args(argv)
     cfg = ExperimentConfig.quick() if args.quick else ExperimentConfig()
     cfg = with_seed(cfg, args.seed)
     if args.spelled_keys:
         cfg = replace(cfg, task=replace(cfg.task, key_tokens=False, pad_keys=False))
+    if args.digit_mixup is not None:
+        cfg = replace(cfg, m_b_train=replace(cfg.m_b_train, digit_mixup=args.digit_mixup))
     cfg.num_threads = args.threads
     start = time.perf_counter()
     task = build_task(cfg, args.out)

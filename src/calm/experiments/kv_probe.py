@@ -20,7 +20,7 @@ import torch
 from transformers import PreTrainedTokenizerFast
 
 from calm.experiments.kv_arithmetic import load_frozen
-from calm.tasks.kv_arithmetic import KEY_PAD
+from calm.tasks.kv_arithmetic import KEY_PAD, KVConfig, make_kv_data
 
 PROMPTS_PER_KEY = 5
 
@@ -60,13 +60,14 @@ def probe(run_dir: Path, seed: int = 0) -> dict[str, list[dict[str, float]]]:
     tokenizer = PreTrainedTokenizerFast.from_pretrained(run_dir / "tokenizer")
     d_kv = json.loads((run_dir / "data" / "d_kv.json").read_text())
     table, keys = d_kv["table"], list(d_kv["table"])
-    marker = json.loads((run_dir / "config.json").read_text())["task"]["arithmetic_marker"]
+    task = KVConfig(**json.loads((run_dir / "config.json").read_text())["task"])
+    marker, pad = task.arithmetic_marker, make_kv_data(task).key_pad
     model = load_frozen(run_dir / "models" / "m_a")
     rng = random.Random(seed)
 
     def prompts(subset: list[str]) -> tuple[list[str], torch.Tensor]:
-        texts = [f"{k}+{rng.choice(keys)}{marker}" for k in subset for _ in range(PROMPTS_PER_KEY)]
-        return texts, torch.tensor([table[t.split("+")[0]] for t in texts])
+        texts = [f"{k}{pad}+{rng.choice(keys)}{pad}{marker}" for k in subset for _ in range(PROMPTS_PER_KEY)]
+        return texts, torch.tensor([table[t.split("+")[0].rstrip(KEY_PAD)] for t in texts])
 
     train_prompts, train_values = prompts(d_kv["seen_keys"])
     test_prompts, test_values = prompts(d_kv["unseen_keys"])
