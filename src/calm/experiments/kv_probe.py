@@ -3,7 +3,7 @@
 The composition can only generalise to unseen keys if m_A's states at the positions it reads hold the value in
 a form shared by all keys: then a map learned on the 20% of keys in D_C carries over to the rest. This script
 fits a linear classifier per layer (the value's tens digit, its ones digit) on m_A's states over the seen keys
-and scores it on the unseen ones, at the key's last token and at the prompt's last token.
+and scores it on the unseen ones, at the first key's token and at the prompt's last token.
 
     python -m calm.experiments.kv_probe RUN_DIR      (a directory written by `calm reproduce kv-arithmetic`)
 """
@@ -19,15 +19,15 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedTokenizerFast
 
-from calm.experiments.kv_arithmetic import load_frozen
-from calm.tasks.kv_arithmetic import KEY_PAD, KVConfig, make_kv_data
+from calm.experiments.kv_arithmetic import ExperimentConfig, load_frozen
+from calm.tasks.kv_arithmetic import KEY_PAD, make_kv_data
 
 PROMPTS_PER_KEY = 5
 
 
 @torch.no_grad()
 def states_at(model, tokenizer, prompts: list[str], position: str) -> torch.Tensor:
-    """(N, layers + 1, D) hidden states at the first key's last token ("key") or the prompt's last ("end")."""
+    """(N, layers + 1, D) hidden states at the first key's token ("key") or the prompt's last ("end")."""
     rows = []
     for prompt in prompts:
         ids = tokenizer(prompt)["input_ids"]
@@ -60,7 +60,7 @@ def probe(run_dir: Path, seed: int = 0) -> dict[str, list[dict[str, float]]]:
     tokenizer = PreTrainedTokenizerFast.from_pretrained(run_dir / "tokenizer")
     d_kv = json.loads((run_dir / "data" / "d_kv.json").read_text())
     table, keys = d_kv["table"], list(d_kv["table"])
-    task = KVConfig(**json.loads((run_dir / "config.json").read_text())["task"])
+    task = ExperimentConfig.load(run_dir).task
     marker, pad = task.arithmetic_marker, make_kv_data(task).key_pad
     model = load_frozen(run_dir / "models" / "m_a")
     rng = random.Random(seed)

@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedTokenizerFast
 
-from calm.experiments.kv_arithmetic import collate, load_eval_sets, load_frozen
-from calm.tasks.kv_arithmetic import KEY_PAD, Example, read_jsonl
+from calm.experiments.kv_arithmetic import ExperimentConfig, collate, load_eval_sets, load_frozen
+from calm.tasks.kv_arithmetic import KEY_PAD, Example, make_kv_data, read_jsonl
 
 
 def key_slots(input_ids: torch.Tensor, key_index: dict[int, int], pad_id: int) -> list[tuple[int, int, int, int]]:
@@ -32,12 +32,10 @@ def key_slots(input_ids: torch.Tensor, key_index: dict[int, int], pad_id: int) -
     for row, ids in enumerate(input_ids.tolist()):
         for position, token in enumerate(ids):
             if token in key_index:
-                slot = 0
-                while True:
-                    slots.append((row, position + slot, key_index[token], slot))
-                    slot += 1
-                    if position + slot >= len(ids) or ids[position + slot] != pad_id:
-                        break
+                end = position + 1
+                while end < len(ids) and ids[end] == pad_id:
+                    end += 1
+                slots += [(row, p, key_index[token], p - position) for p in range(position, end)]
     return slots
 
 
@@ -47,13 +45,13 @@ def steer(run_dir: Path, steps: int = 300, lr: float = 1e-2, batch_size: int = 3
     seen = json.loads((run_dir / "data" / "d_kv.json").read_text())["seen_keys"]
     key_index = {tokenizer.convert_tokens_to_ids(k): i for i, k in enumerate(seen)}
     pad_id = tokenizer.convert_tokens_to_ids(KEY_PAD)
-    marker = json.loads((run_dir / "config.json").read_text())["task"]["arithmetic_marker"]
+    task = ExperimentConfig.load(run_dir).task
     model = load_frozen(run_dir / "models" / "m_b")
     embed = model.get_input_embeddings()
     d_c = [ex for ex in read_jsonl(run_dir / "data" / "composition_train.jsonl")
-           if ex["prompt"].endswith(marker) and any(op in ex["prompt"] for op in "+-*")]
+           if ex["prompt"].endswith(task.arithmetic_marker) and any(op in ex["prompt"] for op in "+-*")]
     held_out = load_eval_sets(run_dir)["kv_arithmetic_seen"]
-    width = 1 + max(s for *_, s in key_slots(collate(d_c[:1], tokenizer)["input_ids"], key_index, pad_id))
+    width = 1 + len(make_kv_data(task).key_pad)
     vectors = torch.nn.Parameter(embed.weight[list(key_index)].detach()[:, None].repeat(1, width, 1))
     optimizer = torch.optim.Adam([vectors], lr=lr)
 
