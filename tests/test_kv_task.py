@@ -94,6 +94,8 @@ def test_config_rejects_impossible_settings():
         KVConfig(operators="+/")
     with pytest.raises(ValueError, match="composition tasks"):
         KVConfig(composition_tasks=("kv_division",))
+    with pytest.raises(ValueError, match="numeric_share"):
+        KVConfig(numeric_share=1.5)
 
 
 @pytest.mark.parametrize("fixed_width", [False, True])
@@ -138,7 +140,7 @@ def test_one_digit_changes_with_its_result():
 
 
 def test_fixed_width_numbers_cover_every_result():
-    fmt = NumberFormat.for_config(KVConfig(value_max=200, operands_max=3))
+    fmt = NumberFormat.for_config(KVConfig(num_keys=99, value_max=200, operands_max=3))
     assert (fmt.value(7), fmt.value(200), fmt.result(600), fmt.result(-5)) == ("007", "200", "+600", "-005")
     fmt = NumberFormat.for_config(KVConfig(value_max=20, operands_max=3, operators="+*", num_keys=20))
     assert fmt.result(20 * 20 * 20) == "+8000"
@@ -156,9 +158,16 @@ def test_numeric_evaluation_uses_usual_precedence():
 @pytest.mark.parametrize("tasks", [("kv_arithmetic",), ("kv_arithmetic", "kv_substitution")])
 def test_composition_data_uses_only_seen_keys(data, tasks):
     cfg = replace(CFG, composition_tasks=tasks)
-    kv_prompts = [ex["prompt"] for ex in make_splits(cfg, data).composition_train]
+    examples = make_splits(cfg, data).composition_train
+    kv_prompts = [ex["prompt"] for ex in examples if not ex["prompt"][0].isdigit()]
     singles = len(data.seen_keys) * cfg.single_key_examples
     assert len(kv_prompts) == (cfg.num_composition_examples + singles) * len(tasks)
+    # The Numeric-Arithmetic twins of a share of the expressions: the seen keys' values, written out.
+    twins = [ex for ex in examples if ex["prompt"][0].isdigit()]
+    assert len(twins) == round(cfg.numeric_share * (cfg.num_composition_examples + singles)) > 0
+    seen_values = {data.numbers.value(data.table[k]) for k in data.seen_keys}
+    assert all(set(re.findall(r"\d+", ex["prompt"])) <= seen_values for ex in twins)
+    assert all(ex["completion"] == data.numbers.result(evaluate_prompt(ex["prompt"])) for ex in twins)
     assert all(set(_keys_of(p)) <= set(data.seen_keys) for p in kv_prompts)
     assert sum(len(_keys_of(p)) == 1 for p in kv_prompts) == singles * len(tasks)
     assert {p[-1] for p in kv_prompts} == {cfg.substitution_marker, cfg.arithmetic_marker}.intersection(

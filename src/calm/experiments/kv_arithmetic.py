@@ -75,7 +75,7 @@ class TrainSpec:
     batch_size: int
     lr: float
     warmup_steps: int = 50
-    weight_decay: float = 0.0  # memorising D_KV is the point for m_A, so no decay by default
+    weight_decay: float = 0.0
     seed: int = 0
     # Not in the paper (m_B only): the share of examples whose input blends one operand digit with another,
     # lam * e(d) + (1 - lam) * e(d') with lam ~ U(0, 1), and whose target blends the two results alike
@@ -89,14 +89,21 @@ class ExperimentConfig:
     """Everything the base-model half of the reproduction needs; defaults fit a 2-core CPU."""
 
     task: KVConfig = field(default_factory=KVConfig)
-    # m_A is the smaller model, as in the paper. Measured on 2 CPU cores (single runs): m_A reaches 100%
-    # KV-Substitution by ~600 steps; m_B learns "a±b" abruptly between steps ~700 and ~1500.
-    m_a: ModelSpec = field(default_factory=lambda: ModelSpec(4, 96, 4, 384))
+    # m_A is the smaller model, as in the paper: two blocks whose MLPs are one unit wide, attention only in
+    # all but name (a Llama cannot drop its MLP). With only attention between a key's embedding and the
+    # digits m_A writes, and weight decay, m_A stores a value as one vector per digit, shared by all keys, so
+    # a linear map fitted on D_C's keys reads every key: a probe of m_A's key embeddings fitted on 100 keys
+    # scored 100% per digit on the others, against 55-77% for a 4-block m_A with 384-wide MLPs (seed-0
+    # trials). That map is what the composition has to learn.
+    m_a: ModelSpec = field(default_factory=lambda: ModelSpec(2, 64, 4, 1))
     m_b: ModelSpec = field(default_factory=lambda: ModelSpec(4, 128, 4, 512))
-    m_a_train: TrainSpec = field(default_factory=lambda: TrainSpec(steps=800, batch_size=64, lr=5e-3))
-    m_b_train: TrainSpec = field(default_factory=lambda: TrainSpec(steps=2000, batch_size=64, lr=2e-3,
+    m_a_train: TrainSpec = field(default_factory=lambda: TrainSpec(steps=3000, batch_size=64, lr=5e-3,
+                                                                    weight_decay=1.0))
+    # m_B learns three-digit "a±b" in ~3000 steps (99.7% on seed 0, values up to 999).
+    m_b_train: TrainSpec = field(default_factory=lambda: TrainSpec(steps=3000, batch_size=64, lr=2e-3,
                                                                     digit_mixup=0.8))
-    vanilla_train: TrainSpec = field(default_factory=lambda: TrainSpec(steps=800, batch_size=64, lr=5e-3))
+    vanilla_train: TrainSpec = field(default_factory=lambda: TrainSpec(steps=3000, batch_size=64, lr=5e-3,
+                                                                        weight_decay=1.0))
     eval_batch_size: int = 250
     num_threads: int = 0  # torch CPU threads; 0 = one per core
 

@@ -2,8 +2,8 @@
 
 The composition can only generalise to unseen keys if m_A's states at the positions it reads hold the value in
 a form shared by all keys: then a map learned on the 20% of keys in D_C carries over to the rest. This script
-fits a linear classifier per layer (the value's tens digit, its ones digit) on m_A's states over the seen keys
-and scores it on the unseen ones, at the first key's token and at the prompt's last token.
+fits a linear classifier per layer and per digit of the value on m_A's states over the seen keys and scores it
+on the unseen ones, at the first key's token and at the prompt's last token.
 
     python -m calm.experiments.kv_probe RUN_DIR      (a directory written by `calm reproduce kv-arithmetic`)
 """
@@ -55,13 +55,16 @@ def probe_accuracy(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.T
         return (((test_x - mean) / std) @ weight + bias).argmax(-1).eq(test_y).float().mean().item()
 
 
-def probe(run_dir: Path, seed: int = 0) -> dict[str, list[dict[str, float]]]:
-    """Per position ("key", "end") and layer: probe accuracy (%) on unseen keys for the tens and ones digit."""
+def probe(run_dir: Path, seed: int = 0) -> dict[str, list[list[float]]]:
+    """Per position ("key", "end") and layer: probe accuracy (%) on unseen keys for each digit of the value,
+    most significant first."""
     tokenizer = PreTrainedTokenizerFast.from_pretrained(run_dir / "tokenizer")
     d_kv = json.loads((run_dir / "data" / "d_kv.json").read_text())
     table, keys = d_kv["table"], list(d_kv["table"])
     task = ExperimentConfig.load(run_dir).task
-    marker, pad = task.arithmetic_marker, make_kv_data(task).key_pad
+    data = make_kv_data(task)
+    marker, pad = task.arithmetic_marker, data.key_pad
+    places = [10**i for i in reversed(range(data.numbers.value_width or len(str(task.value_max))))]
     model = load_frozen(run_dir / "models" / "m_a")
     rng = random.Random(seed)
 
@@ -77,9 +80,8 @@ def probe(run_dir: Path, seed: int = 0) -> dict[str, list[dict[str, float]]]:
         train_x = states_at(model, tokenizer, train_prompts, position)
         test_x = states_at(model, tokenizer, test_prompts, position)
         result[position] = [
-            {digit: 100 * probe_accuracy(train_x[:, layer], train_values // div % 10, test_x[:, layer],
-                                         test_values // div % 10)
-             for digit, div in (("tens", 10), ("ones", 1))}
+            [100 * probe_accuracy(train_x[:, layer], train_values // place % 10, test_x[:, layer],
+                                  test_values // place % 10) for place in places]
             for layer in range(train_x.shape[1])
         ]
     return result
@@ -91,11 +93,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    print("| position | layer | tens digit (%) | ones digit (%) |\n|---|---:|---:|---:|")
-    for position, layers in probe(args.run_dir, args.seed).items():
-        for layer, acc in enumerate(layers):
-            print(f"| {position} | {layer} | {acc['tens']:.0f} | {acc['ones']:.0f} |")
-    print("\nchance: 10% per digit; layer 0 is the embedding output")
+    result = probe(args.run_dir, args.seed)
+    width = len(result["key"][0])
+    print("| position | layer | " + " | ".join(f"digit {i + 1} (%)" for i in range(width)) + " |")
+    print("|---|---:|" + "---:|" * width)
+    for position, layers in result.items():
+        for layer, accs in enumerate(layers):
+            print(f"| {position} | {layer} | " + " | ".join(f"{a:.0f}" for a in accs) + " |")
+    print("\ndigit 1 is the most significant; chance: 10% per digit; layer 0 is the embedding output")
 
 
 if __name__ == "__main__":
