@@ -28,6 +28,12 @@ def test_quick_reproduction_writes_every_output(tmp_path):
     assert result["settings"]["d_c_tasks"] == ["kv_arithmetic"]
     assert set(result["table"]["CALM"]) == {"kv_substitution", "numeric_arithmetic", "kv_arithmetic_seen",
                                             "kv_arithmetic_unseen"}
+    # The D_C (with KV-Substitution) adds a connection from m_A's last block into m_B's last.
+    config = json.loads((out / "config.json").read_text())
+    last = [config["m_a"]["num_layers"] - 1, config["m_b"]["num_layers"] - 1]
+    runs = result["runs"]
+    assert runs["CALM, D_C + KV-Substitution"]["connections"] == [runs["CALM"]["connections"][0] + [last]]
+    assert "for \"CALM, D_C + KV-Substitution\"" in (out / "results.md").read_text()
     calm_params, lora_params = (result["runs"][k]["trainable_params"] for k in ("CALM", "m_B + LoRA"))
     assert abs(lora_params - calm_params) <= 0.1 * calm_params  # the LoRA baseline matches CALM's size
     assert (out / "models" / "m_a" / "config.json").is_file()  # base models are real HF checkpoints
