@@ -342,14 +342,16 @@ class BaseModelPaths:
 
     m_a: Path  # KV-Substitution over D_KV: knows the keys' values
     m_b: Path  # Numeric-Arithmetic: knows arithmetic
-    m_a_vanilla: Path  # m_A's architecture and recipe, trained on a different key set (ablation)
+    m_a_vanilla: Path  # m_A's architecture and recipe, trained on a different key set (ablation; only if asked)
     m_a_random: Path  # m_A's architecture, untrained (ablation)
     tokenizer: Path
     train_seconds: dict[str, float] = field(default_factory=dict)
 
 
-def train_base_models(cfg: ExperimentConfig, out_dir: str | Path, task: KVTask | None = None) -> BaseModelPaths:
-    """Pretrain m_A, m_B and the vanilla m_A, save them (and the random m_A) under `out_dir/models/`.
+def train_base_models(cfg: ExperimentConfig, out_dir: str | Path, task: KVTask | None = None,
+                      vanilla: bool = True) -> BaseModelPaths:
+    """Pretrain m_A, m_B and (with `vanilla`) the vanilla m_A, save them (and the random m_A) under
+    `out_dir/models/`.
 
     The held-out KV-Substitution and Numeric-Arithmetic evaluation prompts are never trained on.
     """
@@ -365,9 +367,10 @@ def train_base_models(cfg: ExperimentConfig, out_dir: str | Path, task: KVTask |
                                                        held_out=evals["kv_substitution"])),
         "m_b": (cfg.m_b, cfg.m_b_train, example_stream(kv, numeric_table(kv), "numeric_arithmetic",
                                                        seed=kv.seed + 20, held_out=evals["numeric_arithmetic"])),
-        "m_a_vanilla": (cfg.m_a, cfg.vanilla_train,
-                        example_stream(kv, task.vanilla_data, "kv_substitution", seed=kv.seed + 30)),
     }
+    if vanilla:
+        runs["m_a_vanilla"] = (cfg.m_a, cfg.vanilla_train,
+                               example_stream(kv, task.vanilla_data, "kv_substitution", seed=kv.seed + 30))
     seconds = {}
     for name, (spec, train, stream) in runs.items():
         model = make_llama(spec, tok, seed=train.seed)

@@ -143,7 +143,7 @@ def reproduce(out_dir: Path, seed: int = 0, quick: bool = False, ablations: bool
     set_threads(cfg)
     start = time.perf_counter()
     task = build_task(cfg, out_dir)
-    paths = train_base_models(cfg, out_dir, task)
+    paths = train_base_models(cfg, out_dir, task, vanilla=ablations)
     tokenizer = PreTrainedTokenizerFast.from_pretrained(paths.tokenizer)
     d_c = read_jsonl(out_dir / "data" / "composition_train.jsonl")
     eval_sets = {name: examples for name, examples in load_eval_sets(out_dir).items() if name in EVAL_SETS}
