@@ -49,8 +49,8 @@ class CompositionSpec:
 
     # (m_A layer, m_B layer); -1 is the embeddings. One connection from m_A's key embeddings into m_B's input:
     # with keys padded to a value's width, the composition's job is to write each key's digits into its
-    # slots, where m_B reads them. The paper taps every 4th block of a much deeper m_A; with 4-block models
-    # that is one connection into m_B's last block, after the blocks that do the arithmetic.
+    # slots, where m_B reads them. (The paper taps every 4th block of a much deeper m_A; with m_A's 2 blocks
+    # that would be no block at all.)
     connections: list[list[int]] = field(default_factory=lambda: [[-1, -1]])
     # Twice m_B's 4: each of a key's slots reads the key at its own offset and writes its own digit, so heads
     # specialise by slot (seed-0 trials, held-out keys: 4 heads 13%, 8 heads 67%, 16 and 32 heads 56-63%).
@@ -60,12 +60,15 @@ class CompositionSpec:
     # (seed-0 trial, D_C with both KV tasks: KV-Substitution 99% with it).
     substitution_connection: bool = True
     # Rotary offsets in the cross-attention (not in the paper): without them a query tells m_A's positions
-    # apart by content only, and a key's slots must read the key at offsets 0 and -1.
+    # apart by content only, and a key's slots must read the key at offsets 0, 1 and 2.
     rope_theta: float | None = 10000.0
-    steps: int = 3000  # ~38 passes over the 2,500 D_C examples; the loss levels off by ~2500
+    # ~31 passes over D_C's 3,125 examples. In the seed runs that trained, the loss fell steeply between steps
+    # ~1,250 and ~2,000; 2 of 6 were still on their plateau at 3,000.
+    steps: int = 3000
     batch_size: int = 32
     # Composition layers and LoRA adapters. Steering m_B through its inputs is slow and delicate: 1e-2 (or
-    # a tenth of the steps) left CALM at a few percent in trials where 1e-3 for ~2000 steps reached ~98%.
+    # a tenth of the steps) left CALM at a few percent in two-digit trials where 1e-3 for ~2000 steps reached
+    # ~98%, and 3e-3 reached 7% where 1e-3 reached 94% in a three-digit one (D_C's keys).
     lr: float = 1e-3
     full_finetune_lr: float = 1e-4  # every weight of m_B moves: a smaller step
 

@@ -43,8 +43,9 @@ class KVConfig:
 
     seed: int = 0
     # D_KV. Values are a permutation of [value_min, value_max], as in the paper. 500 keys put 100 keys in D_C:
-    # the composition learns one map from m_A's key states to m_B's digits, and 100 keys pin it down where 20
-    # (99 two-digit keys) let it learn each key by itself (trials: 67% vs 2% on held-out keys).
+    # the composition has to learn one map from m_A's key states to m_B's digits, and 100 keys pin it down.
+    # 20 keys (99 two-digit keys) let it learn each key by itself: a random m_A then did as well on D_C's keys
+    # (97.6%), and held-out keys stayed at ~2%.
     num_keys: int = 500  # paper: 25_000
     key_len_min: int = 2  # paper: 2
     key_len_max: int = 6  # paper: 6
