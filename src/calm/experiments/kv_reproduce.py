@@ -164,14 +164,13 @@ def reproduce(out_dir: Path, seed: int = 0, quick: bool = False, ablations: bool
 
     tasks = cfg.task.composition_tasks
 
-    def calm_model(m_a: Path, mode: str = "iterative") -> calm.CALMForCausalLM:
-        return compose(paths.m_b, load_frozen(m_a), spec, mode, tasks)
+    def calm_model(m_a: Path, mode: str = "iterative", d_c_tasks: tuple[str, ...] = tasks) -> calm.CALMForCausalLM:
+        return compose(paths.m_b, load_frozen(m_a), spec, mode, d_c_tasks)
 
     add("CALM", calm_model(paths.m_a), spec.lr)
     if "kv_substitution" not in tasks:  # the D_C, for comparison
         with_substitution = replace(cfg.task, composition_tasks=(*tasks, "kv_substitution"))
-        add(WITH_SUBSTITUTION, compose(paths.m_b, load_frozen(paths.m_a), spec, "iterative",
-                                       with_substitution.composition_tasks), spec.lr,
+        add(WITH_SUBSTITUTION, calm_model(paths.m_a, d_c_tasks=with_substitution.composition_tasks), spec.lr,
             make_splits(with_substitution, task.data).composition_train)
     lora, rank = lora_model(paths.m_b, runs["CALM"]["trainable_params"])
     add("m_B + LoRA", lora, spec.lr)
