@@ -49,7 +49,10 @@ def test_quick_reproduction_writes_every_output(tmp_path):
     assert all(len(row) == digits and all(0 <= acc <= 100 for acc in row) for rows in probes.values() for row in rows)
 
     # The steering test fits free vectors in the keys' slots through the frozen m_B.
-    from calm.experiments.kv_steer import steer
+    from calm.experiments.kv_steer import multi_key_arithmetic, steer
+
+    examples = [{"prompt": p, "completion": ""} for p in ("ab_+cd_=", "ab_=", "07+22=", "ab_+cd_:")]
+    assert multi_key_arithmetic(examples, "=") == examples[:1]  # no single key, twin or substitution
 
     before, after = steer(out, steps=0), steer(out, steps=20, lr=0.1)
     assert set(after) == {"d_c", "held_out"} and all(0 <= v <= 100 for v in after.values())

@@ -39,6 +39,12 @@ def key_slots(input_ids: torch.Tensor, key_index: dict[int, int], pad_id: int) -
     return slots
 
 
+def multi_key_arithmetic(examples: Sequence[Example], marker: str) -> list[Example]:
+    """The KV-Arithmetic examples over two keys or more: not single keys, not Numeric-Arithmetic (no key)."""
+    return [ex for ex in examples if ex["prompt"].endswith(marker) and not ex["prompt"][0].isdigit()
+            and any(op in ex["prompt"] for op in "+-*")]
+
+
 def steer(run_dir: Path, steps: int = 300, lr: float = 1e-2, batch_size: int = 32, seed: int = 0) -> dict:
     """Exact match (%) of m_B with fitted slot vectors: on D_C's two-key prompts and on held-out ones."""
     tokenizer = PreTrainedTokenizerFast.from_pretrained(run_dir / "tokenizer")
@@ -48,8 +54,7 @@ def steer(run_dir: Path, steps: int = 300, lr: float = 1e-2, batch_size: int = 3
     task = ExperimentConfig.load(run_dir).task
     model = load_frozen(run_dir / "models" / "m_b")
     embed = model.get_input_embeddings()
-    d_c = [ex for ex in read_jsonl(run_dir / "data" / "composition_train.jsonl")
-           if ex["prompt"].endswith(task.arithmetic_marker) and any(op in ex["prompt"] for op in "+-*")]
+    d_c = multi_key_arithmetic(read_jsonl(run_dir / "data" / "composition_train.jsonl"), task.arithmetic_marker)
     held_out = load_eval_sets(run_dir)["kv_arithmetic_seen"]
     width = 1 + len(make_kv_data(task).key_pad)
     vectors = torch.nn.Parameter(embed.weight[list(key_index)].detach()[:, None].repeat(1, width, 1))
