@@ -16,15 +16,15 @@ CALM = shutil.which("calm", path=str(Path(sys.executable).parent)) or "calm"
 @pytest.mark.slow
 def test_quick_reproduction_writes_every_output(tmp_path):
     out = tmp_path / "kv"
-    done = subprocess.run([CALM, "reproduce", "kv-arithmetic", "--quick", "--output-dir", str(out)],
+    done = subprocess.run([CALM, "reproduce", "kv-arithmetic", "--quick", "--ablations", "--output-dir", str(out)],
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "| CALM |" in done.stdout
     for name in ("results.md", "results.json", "learning_curves.png", "attention.png"):
         assert (out / name).is_file(), name
     result = json.loads((out / "results.json").read_text())
-    assert set(result["table"]) == {"m_A", "m_B", "CALM", "CALM, D_C + KV-Substitution", "m_B + LoRA",
-                                    "m_B fine-tuned"}
+    assert set(result["table"]) == {"m_A", "m_B", "CALM", "m_B + LoRA", "m_B fine-tuned", "CALM, D_C + KV-Substitution",
+                                    "CALM, vanilla m_A", "CALM, random m_A", "CALM, m_A on prompt only"}
     assert result["settings"]["d_c_tasks"] == ["kv_arithmetic"]
     assert set(result["table"]["CALM"]) == {"kv_substitution", "numeric_arithmetic", "kv_arithmetic_seen",
                                             "kv_arithmetic_unseen"}
@@ -80,3 +80,13 @@ def test_summarize_names_a_run_without_results(tmp_path, capsys):
     assert main(["reproduce", "kv-arithmetic", "--summarize", str(tmp_path / "nope"),
                  "--output-dir", str(tmp_path / "s")]) == 2
     assert "no results.json in" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_default_run_is_the_main_table_and_baselines(tmp_path):
+    """Without --ablations: no issue's-D_C row, no ablation rows, and no vanilla m_A trained (the time budget)."""
+    from calm.experiments.kv_reproduce import reproduce
+
+    result = reproduce(tmp_path / "kv", quick=True, threads=1)
+    assert list(result.table) == ["m_A", "m_B", "CALM", "m_B + LoRA", "m_B fine-tuned"]
+    assert not (tmp_path / "kv" / "models" / "m_a_vanilla").exists()

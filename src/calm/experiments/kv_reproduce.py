@@ -3,7 +3,8 @@
     build the task and the base models     (kv_arithmetic.py: m_A knows D_KV, m_B knows arithmetic)
     compose m_B with m_A, train on D_C     (calm.compose + calm.train, D_C uses 20% of the keys)
     baselines on the same D_C and budget   (LoRA on m_B with as many parameters, m_B fully fine-tuned)
-    ablations (--ablations)                (vanilla m_A, random m_A, m_A reading the prompt only)
+    ablations (--ablations)                (the issue's D_C with KV-Substitution; vanilla m_A, random m_A,
+                                            m_A reading the prompt only)
     evaluate everything, write the report  (results.md/.json, learning_curves.png, attention.png)
 """
 
@@ -168,15 +169,15 @@ def reproduce(out_dir: Path, seed: int = 0, quick: bool = False, ablations: bool
         return compose(paths.m_b, load_frozen(m_a), spec, mode, d_c_tasks)
 
     add("CALM", calm_model(paths.m_a), spec.lr)
-    if "kv_substitution" not in tasks:  # the issue's D_C, for comparison
-        with_substitution = replace(cfg.task, composition_tasks=(*tasks, "kv_substitution"))
-        add(WITH_SUBSTITUTION, calm_model(paths.m_a, d_c_tasks=with_substitution.composition_tasks), spec.lr,
-            make_splits(with_substitution, task.data).composition_train)
     lora, rank = lora_model(paths.m_b, runs["CALM"]["trainable_params"])
     add("m_B + LoRA", lora, spec.lr)
     runs["m_B + LoRA"]["rank"] = rank
     add("m_B fine-tuned", fully_trainable(paths.m_b), spec.full_finetune_lr)
     if ablations:
+        if "kv_substitution" not in tasks:  # the issue's D_C, for comparison
+            with_substitution = replace(cfg.task, composition_tasks=(*tasks, "kv_substitution"))
+            add(WITH_SUBSTITUTION, calm_model(paths.m_a, d_c_tasks=with_substitution.composition_tasks), spec.lr,
+                make_splits(with_substitution, task.data).composition_train)
         add("CALM, vanilla m_A", calm_model(paths.m_a_vanilla), spec.lr)
         add("CALM, random m_A", calm_model(paths.m_a_random), spec.lr)
         add("CALM, m_A on prompt only", calm_model(paths.m_a, "prompt"), spec.lr)
