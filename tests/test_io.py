@@ -65,6 +65,16 @@ def test_wrong_anchor_is_refused(saved, field, make, message):
         calm.CALMForCausalLM.from_pretrained(path, anchor=make(), augments=[model.augments[0]])
 
 
+def test_anchor_of_another_architecture_warns(saved, recwarn):
+    model, path = saved
+    mistral = tiny("mistral", 32, 4, 4)  # the same shapes as the Llama anchor it was trained on
+    calm.CALMForCausalLM.from_pretrained(path, anchor=mistral, augments=[model.augments[0]])
+    messages = [str(w.message) for w in recwarn]
+    assert any("anchor is a 'mistral' model" in m and "a 'llama' model" in m for m in messages), messages
+    calm.CALMForCausalLM.from_pretrained(path, anchor=model.anchor, augments=[model.augments[0]])
+    assert not any("model but the composition was trained on" in str(w.message) for w in recwarn[len(messages):])
+
+
 def test_wrong_augment_vocab_is_refused(saved):
     model, path = saved
     import transformers as tf

@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import tempfile
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -130,15 +131,22 @@ def _check_record(path: Path, who: str, record: Any) -> None:
 
 
 def check_base(config_record: dict, model: PreTrainedModel, who: str) -> None:
-    """Raise `ValueError` when a base model differs from the one the composition was trained on."""
+    """Raise `ValueError` when a base model's shapes differ from the one the composition was trained on; warn
+    when only its architecture does (a checkpoint converted to an equivalent architecture is fine)."""
     info = base_info(model)
+    trained_on = config_record["name_or_path"] or "a model"
     for field in ("num_layers", "width", "vocab_size"):
         expected, got = config_record[field], getattr(info, field)
         if expected != got:
             raise ValueError(
                 f"{who} does not match the saved composition: {field} is {got} but the composition was trained "
-                f"on {config_record['name_or_path'] or 'a model'} with {field}={expected}"
+                f"on {trained_on} with {field}={expected}"
             )
+    expected_type = config_record.get("model_type")  # absent from files of older versions
+    if expected_type and expected_type != model.config.model_type:
+        warnings.warn(f"{who} is a {model.config.model_type!r} model but the composition was trained on "
+                      f"{trained_on}, a {expected_type!r} model: its weights only make sense on the same base model",
+                      stacklevel=3)
 
 
 def load_composition(cls: type[CALMForCausalLM], directory: str | os.PathLike, anchor: PreTrainedModel | None,
