@@ -44,9 +44,12 @@ def test_quick_reproduction_writes_every_output(tmp_path):
 
     probes = probe(out)
     layers = json.loads((out / "models" / "m_a" / "config.json").read_text())["num_hidden_layers"]
-    assert set(probes) == {"key", "end"} and all(len(rows) == layers + 1 for rows in probes.values())
+    assert set(probes) == {"key", "end", "key_one_hot_error"}
+    assert all(len(rows) == layers + 1 for rows in probes.values())
     digits = len(str(json.loads((out / "config.json").read_text())["task"]["value_max"]))
-    assert all(len(row) == digits and all(0 <= acc <= 100 for acc in row) for rows in probes.values() for row in rows)
+    accuracies = [row for position in ("key", "end") for row in probes[position]]
+    assert all(len(row) == digits and all(0 <= acc <= 100 for acc in row) for row in accuracies)
+    assert all(len(row) == 2 and all(err >= 0 for err in row) for row in probes["key_one_hot_error"])
 
     # The steering test fits free vectors in the keys' slots through the frozen m_B.
     from calm.experiments.kv_steer import multi_key_arithmetic, steer
@@ -90,3 +93,17 @@ def test_default_run_is_the_main_table_and_baselines(tmp_path):
     result = reproduce(tmp_path / "kv", quick=True, threads=1)
     assert list(result.table) == ["m_A", "m_B", "CALM", "m_B + LoRA", "m_B fine-tuned"]
     assert not (tmp_path / "kv" / "models" / "m_a_vanilla").exists()
+
+
+def test_one_hot_errors_tell_an_exact_linear_code_from_noise():
+    import torch
+
+    from calm.experiments.kv_probe import one_hot_errors
+
+    generator = torch.Generator().manual_seed(0)
+    values = torch.randint(0, 1000, (300,), generator=generator)
+    y = torch.cat([torch.nn.functional.one_hot(values // place % 10, 10) for place in (100, 10, 1)], -1).double()
+    exact = y @ torch.randn(30, 40, generator=generator, dtype=torch.float64)  # one vector per digit and place
+    assert max(one_hot_errors(exact[:100], y[:100], exact[100:], y[100:])) < 1e-3
+    noise = torch.randn(300, 40, generator=generator, dtype=torch.float64)
+    assert one_hot_errors(noise[:100], y[:100], noise[100:], y[100:])[1] > 1.0

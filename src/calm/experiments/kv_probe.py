@@ -3,7 +3,9 @@
 The composition can only generalise to unseen keys if m_A's states at the positions it reads hold the value in
 a form shared by all keys: then a map learned on the 20% of keys in D_C carries over to the rest. This script
 fits a linear classifier per layer and per digit of the value on m_A's states over the seen keys and scores it
-on the unseen ones, at the first key's token and at the prompt's last token.
+on the unseen ones, at the first key's token and at the prompt's last token. A probe only has to rank the right
+digit first; the composition has to write it. So the script also measures how far the best linear map from the
+key's states is from the exact one-hot digits, on seen and unseen keys.
 
     python -m calm.experiments.kv_probe RUN_DIR      (a directory written by `calm reproduce kv-arithmetic`)
 """
@@ -55,9 +57,25 @@ def probe_accuracy(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.T
         return (((test_x - mean) / std) @ weight + bias).argmax(-1).eq(test_y).float().mean().item()
 
 
+def one_hot_errors(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
+                   ridge: float = 1e-3) -> tuple[float, float]:
+    """Mean squared error per example of a ridge regression from states to `*_y` (one-hot digits), on the
+    fitted examples and on the test ones. A value stored as one vector per digit and place would give ~0: this
+    is how far a linear map, such as the composition's values, is from writing the exact digits."""
+    mean, target_mean = train_x.mean(0), train_y.mean(0)
+    x = train_x - mean
+    weight = torch.linalg.solve(x.T @ x + ridge * torch.eye(x.shape[1]), x.T @ (train_y - target_mean))
+
+    def error(states: torch.Tensor, y: torch.Tensor) -> float:
+        return ((states - mean) @ weight + target_mean - y).pow(2).sum(-1).mean().item()
+
+    return error(train_x, train_y), error(test_x, test_y)
+
+
 def probe(run_dir: Path, seed: int = 0) -> dict[str, list[list[float]]]:
     """Per position ("key", "end") and layer: probe accuracy (%) on unseen keys for each digit of the value,
-    most significant first."""
+    most significant first; and under "key_one_hot_error", per layer, `one_hot_errors` at the key's token on
+    seen and unseen keys."""
     tokenizer = PreTrainedTokenizerFast.from_pretrained(run_dir / "tokenizer")
     d_kv = json.loads((run_dir / "data" / "d_kv.json").read_text())
     table, keys = d_kv["table"], list(d_kv["table"])
@@ -76,14 +94,23 @@ def probe(run_dir: Path, seed: int = 0) -> dict[str, list[list[float]]]:
     test_prompts, test_values = prompts(d_kv["unseen_keys"])
     torch.manual_seed(seed)
     result = {}
+    def one_hots(values: torch.Tensor) -> torch.Tensor:
+        return torch.cat([torch.nn.functional.one_hot(values // place % 10, 10).float() for place in places], -1)
+
     for position in ("key", "end"):
-        train_x = states_at(model, tokenizer, train_prompts, position)
-        test_x = states_at(model, tokenizer, test_prompts, position)
+        train_x = states_at(model, tokenizer, train_prompts, position).double()
+        test_x = states_at(model, tokenizer, test_prompts, position).double()
         result[position] = [
-            [100 * probe_accuracy(train_x[:, layer], train_values // place % 10, test_x[:, layer],
+            [100 * probe_accuracy(train_x[:, layer].float(), train_values // place % 10, test_x[:, layer].float(),
                                   test_values // place % 10) for place in places]
             for layer in range(train_x.shape[1])
         ]
+        if position == "key":
+            result["key_one_hot_error"] = [
+                list(one_hot_errors(train_x[:, layer], one_hots(train_values).double(), test_x[:, layer],
+                                    one_hots(test_values).double()))
+                for layer in range(train_x.shape[1])
+            ]
     return result
 
 
@@ -97,10 +124,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     width = len(result["key"][0])
     print("| position | layer | " + " | ".join(f"digit {i + 1} (%)" for i in range(width)) + " |")
     print("|---|---:|" + "---:|" * width)
-    for position, layers in result.items():
-        for layer, accs in enumerate(layers):
+    for position in ("key", "end"):
+        for layer, accs in enumerate(result[position]):
             print(f"| {position} | {layer} | " + " | ".join(f"{a:.0f}" for a in accs) + " |")
     print("\ndigit 1 is the most significant; chance: 10% per digit; layer 0 is the embedding output")
+    print("\n| layer | one-hot error, D_C's keys | one-hot error, other keys |\n|---:|---:|---:|")
+    for layer, (seen, unseen) in enumerate(result["key_one_hot_error"]):
+        print(f"| {layer} | {seen:.2f} | {unseen:.2f} |")
+    print(f"\nsquared error per key of a ridge map from the key token's states to its {width} digits' one-hots, "
+          "fitted on D_C's keys (an exact linear code: ~0)")
 
 
 if __name__ == "__main__":
