@@ -98,11 +98,11 @@ def test_default_run_is_the_main_table_and_baselines(tmp_path):
 def test_one_hot_errors_tell_an_exact_linear_code_from_noise():
     import torch
 
-    from calm.experiments.kv_probe import one_hot_errors
+    from calm.experiments.kv_probe import one_hot_errors, one_hots
 
     generator = torch.Generator().manual_seed(0)
     values = torch.randint(0, 1000, (300,), generator=generator)
-    y = torch.cat([torch.nn.functional.one_hot(values // place % 10, 10) for place in (100, 10, 1)], -1).double()
+    y = one_hots(values, [100, 10, 1]).double()
     exact = y @ torch.randn(30, 40, generator=generator, dtype=torch.float64)  # one vector per digit and place
     assert max(one_hot_errors(exact[:100], y[:100], exact[100:], y[100:])) < 1e-3
     noise = torch.randn(300, 40, generator=generator, dtype=torch.float64)

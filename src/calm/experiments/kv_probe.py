@@ -62,6 +62,7 @@ def one_hot_errors(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.T
     """Mean squared error per example of a ridge regression from states to `*_y` (one-hot digits), on the
     fitted examples and on the test ones. A value stored as one vector per digit and place would give ~0: this
     is how far a linear map, such as the composition's values, is from writing the exact digits."""
+    train_x, train_y, test_x, test_y = (t.double() for t in (train_x, train_y, test_x, test_y))
     mean, target_mean = train_x.mean(0), train_y.mean(0)
     x = train_x - mean
     weight = torch.linalg.solve(x.T @ x + ridge * torch.eye(x.shape[1]), x.T @ (train_y - target_mean))
@@ -70,6 +71,11 @@ def one_hot_errors(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.T
         return ((states - mean) @ weight + target_mean - y).pow(2).sum(-1).mean().item()
 
     return error(train_x, train_y), error(test_x, test_y)
+
+
+def one_hots(values: torch.Tensor, places: list[int]) -> torch.Tensor:
+    """(N, 10 * len(places)): each value's digits at `places`, one-hot, concatenated."""
+    return torch.cat([torch.nn.functional.one_hot(values // place % 10, 10) for place in places], -1).float()
 
 
 def probe(run_dir: Path, seed: int = 0) -> dict[str, list[list[float]]]:
@@ -94,21 +100,18 @@ def probe(run_dir: Path, seed: int = 0) -> dict[str, list[list[float]]]:
     test_prompts, test_values = prompts(d_kv["unseen_keys"])
     torch.manual_seed(seed)
     result = {}
-    def one_hots(values: torch.Tensor) -> torch.Tensor:
-        return torch.cat([torch.nn.functional.one_hot(values // place % 10, 10).float() for place in places], -1)
-
     for position in ("key", "end"):
-        train_x = states_at(model, tokenizer, train_prompts, position).double()
-        test_x = states_at(model, tokenizer, test_prompts, position).double()
+        train_x = states_at(model, tokenizer, train_prompts, position)
+        test_x = states_at(model, tokenizer, test_prompts, position)
         result[position] = [
-            [100 * probe_accuracy(train_x[:, layer].float(), train_values // place % 10, test_x[:, layer].float(),
+            [100 * probe_accuracy(train_x[:, layer], train_values // place % 10, test_x[:, layer],
                                   test_values // place % 10) for place in places]
             for layer in range(train_x.shape[1])
         ]
         if position == "key":
             result["key_one_hot_error"] = [
-                list(one_hot_errors(train_x[:, layer], one_hots(train_values).double(), test_x[:, layer],
-                                    one_hots(test_values).double()))
+                list(one_hot_errors(train_x[:, layer], one_hots(train_values, places), test_x[:, layer],
+                                    one_hots(test_values, places)))
                 for layer in range(train_x.shape[1])
             ]
     return result
