@@ -86,6 +86,7 @@ def test_summarize_names_a_run_without_results(tmp_path, capsys):
 
 
 @pytest.mark.slow
+@pytest.mark.filterwarnings("error:No artists with labels")  # --quick logs no loss: an empty plot, but no warning
 def test_default_run_is_the_main_table_and_baselines(tmp_path):
     """Without --ablations: no issue's-D_C row, no ablation rows, and no vanilla m_A trained (the time budget)."""
     from calm.experiments.kv_reproduce import reproduce

@@ -246,7 +246,8 @@ def plot_learning_curves(out_dir: Path, runs_dir: Path, names: list[str]) -> Non
         if points:
             ax.plot(*zip(*points), label=name)
     ax.set(xlabel="optimizer step", ylabel="training loss on D_C", yscale="log", title="Learning curves on D_C")
-    ax.legend()
+    if ax.lines:  # a run shorter than one logging interval (--quick) has no curve to name
+        ax.legend()
     fig.tight_layout()
     fig.savefig(out_dir / "learning_curves.png", dpi=120)
     plt.close(fig)
