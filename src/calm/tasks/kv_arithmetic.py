@@ -93,8 +93,8 @@ class KVConfig:
     # Tasks each D_C expression gives. The issue asks for both KV tasks, the paper's §3.2 for arithmetic only.
     # With KV-Substitution in D_C the composition learnt substitution but no arithmetic (seed-0 trial: KV-Sub
     # 99%, KV-Arithmetic on held-out keys 0.7% against 67% without): m_B only adds up what sits in a key's
-    # slots, and substitution asks the same slots to make it echo. The default run trains both ways and
-    # reports both (`kv_reproduce`).
+    # slots, and substitution asks the same slots to make it echo. `calm reproduce kv-arithmetic --ablations`
+    # also trains on the issue's D_C and reports it as its own row (`kv_reproduce`).
     composition_tasks: tuple[str, ...] = ("kv_arithmetic",)
     # Not in the paper: D_C also holds each seen key alone ('abc_=' -> '+007'), this many times. A one-key
     # expression pins a key's digits down directly (trials, seed 0: 66% -> 98% on new expressions over D_C's
