@@ -31,6 +31,7 @@ from calm.experiments.kv_arithmetic import (
     load_frozen,
     make_llama,
     mean_embed_untrained_tokens,
+    noisy_digits,
     soft_label_loss,
     train_base_models,
     train_causal_lm,
@@ -309,6 +310,35 @@ def test_digit_mixup_loss_trains_m_b_and_is_the_plain_loss_without_mixing(tokeni
     assert model.get_input_embeddings().weight.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="number format"):
         train_causal_lm(model, tokenizer, iter(examples), TrainSpec(steps=1, batch_size=2, lr=1e-3, digit_mixup=0.5))
+
+
+def test_noisy_digits_moves_only_the_chosen_positions_and_grows_with_its_scale():
+    torch.manual_seed(0)
+    digits = torch.randn(10, 16)
+    inputs = torch.randn(64, 5, 16)
+    where = torch.zeros(64, 5, dtype=torch.bool)
+    where[:, 1] = where[:, 3] = True
+    assert torch.equal(noisy_digits(inputs, digits, where, 0.0), inputs)
+    moved = {scale: (noisy_digits(inputs, digits, where, scale) - inputs).norm(dim=-1) for scale in (0.5, 1.0)}
+    assert torch.equal(moved[0.5][:, [0, 2, 4]], torch.zeros(64, 3))
+    assert (moved[0.5][:, [1, 3]] > 0).all()
+    # at scale 1 the noise is about as long as a digit embedding, at most (both parts drawn from U(0, 1))
+    assert moved[0.5].mean() < moved[1.0].mean() < 2 * digits.norm(dim=-1).mean()
+
+
+def test_digit_noise_changes_m_b_loss_and_needs_the_number_format(tokenizer, splits):
+    model = make_llama(ModelSpec(1, 16, 2, 32), tokenizer, seed=0)
+    examples = splits.eval_sets["numeric_arithmetic"][:8]
+    numbers = NumberFormat.for_config(CFG)
+    plain = model(**collate(examples, tokenizer)).loss
+    torch.manual_seed(0)
+    noisy = digit_mixup_loss(model, examples, tokenizer, numbers, share=0.0, rng=random.Random(0), noise=1.0)
+    assert not torch.allclose(plain, noisy)
+    with pytest.raises(ValueError, match="number format"):
+        train_causal_lm(model, tokenizer, iter(examples), TrainSpec(steps=1, batch_size=2, lr=1e-3, digit_noise=0.5))
+    losses = train_causal_lm(model, tokenizer, iter(examples), TrainSpec(steps=2, batch_size=4, lr=1e-3,
+                                                                         digit_noise=0.5), numbers=numbers)
+    assert len(losses) == 2
 
 
 def test_untrained_tokens_get_the_mean_embedding(tokenizer):

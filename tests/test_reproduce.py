@@ -51,6 +51,20 @@ def test_quick_reproduction_writes_every_output(tmp_path):
     assert all(len(row) == digits and all(0 <= acc <= 100 for acc in row) for row in accuracies)
     assert all(len(row) == 2 and all(err >= 0 for err in row) for row in probes["key_one_hot_error"])
 
+    # The slot diagnostic: what the composition writes into the keys' slots, and how m_B reads it.
+    from calm.experiments.kv_slots import SlotReader, measure
+
+    reader = SlotReader(out, out / "runs" / "calm")
+    assert reader.nearest_digit(reader.embed[reader.digit_ids]).tolist() == list(range(10))
+    x, slots = reader.written(result_prompt(out))
+    assert len(slots) == 2 * digits and x.shape[0] == len(slots) + 3  # BOS, '+', '=' besides the slots
+    slots_table = measure(out, out / "runs" / "calm", limit=4)
+    assert set(slots_table) == {"kv_arithmetic_seen", "kv_arithmetic_unseen"}
+    for row in slots_table.values():
+        assert list(row) == [f"digit {i + 1} written" for i in range(digits)] + ["m_B, slots as written",
+                                                                                  "m_B, slots snapped"]
+        assert all(0 <= v <= 100 for v in row.values())
+
     # The steering test fits free vectors in the keys' slots through the frozen m_B.
     from calm.experiments.kv_steer import multi_key_arithmetic, steer
 
@@ -75,6 +89,18 @@ def test_quick_reproduction_writes_every_output(tmp_path):
     summary = (tmp_path / "summary" / "results.md").read_text()
     assert f"| CALM | {v + 5:.1f} ± 7.1 |" in summary and "seeds [0, 1]" in summary
     assert json.loads((tmp_path / "summary" / "results.json").read_text())["seeds"] == [0, 1]
+
+
+def result_prompt(out: Path) -> str:
+    """The first two-key KV-Arithmetic evaluation prompt of a run."""
+    return json.loads((out / "data" / "eval_kv_arithmetic_unseen.jsonl").read_text().splitlines()[0])["prompt"]
+
+
+def test_slot_digits_are_each_keys_value_in_fixed_width():
+    from calm.experiments.kv_slots import slot_digits
+
+    assert slot_digits({"ab": 7, "cde": 420}, "ab__+cde__=", 3) == [0, 0, 7, 4, 2, 0]
+    assert slot_digits({"ab": 7, "cde": 42}, "ab_-cde_*ab_=", 2) == [0, 7, 4, 2, 0, 7]
 
 
 def test_summarize_names_a_run_without_results(tmp_path, capsys):
