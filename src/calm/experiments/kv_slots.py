@@ -39,7 +39,6 @@ class SlotReader:
         self.layer = model.composition[0][[list(c) for c in model.config.connections[0]].index([-1, -1])]
         self.embed = self.m_b.get_input_embeddings().weight
         self.digit_ids = torch.tensor(self.tokenizer.convert_tokens_to_ids(list(string.digits)))
-        self.pad_id = self.tokenizer.convert_tokens_to_ids(KEY_PAD)
         self.numeric_ids = set(self.tokenizer.convert_tokens_to_ids(list(string.digits + "+-*=")))
 
     @torch.no_grad()
