@@ -24,6 +24,7 @@ from transformers import PreTrainedTokenizerFast
 
 import calm
 from calm.experiments.kv_arithmetic import ExperimentConfig, load_eval_sets, load_frozen
+from calm.experiments.kv_steer import key_slots
 from calm.tasks.kv_arithmetic import KEY_PAD, make_kv_data
 
 
@@ -39,7 +40,9 @@ class SlotReader:
         self.layer = model.composition[0][[list(c) for c in model.config.connections[0]].index([-1, -1])]
         self.embed = self.m_b.get_input_embeddings().weight
         self.digit_ids = torch.tensor(self.tokenizer.convert_tokens_to_ids(list(string.digits)))
-        self.numeric_ids = set(self.tokenizer.convert_tokens_to_ids(list(string.digits + "+-*=")))
+        self.table = json.loads((run_dir / "data" / "d_kv.json").read_text())["table"]
+        self.key_index = {i: k for k, i in enumerate(self.tokenizer.convert_tokens_to_ids(list(self.table)))}
+        self.pad_id = self.tokenizer.convert_tokens_to_ids(KEY_PAD)
 
     @torch.no_grad()
     def written(self, prompt: str) -> tuple[torch.Tensor, list[int]]:
@@ -49,7 +52,7 @@ class SlotReader:
         anchor = self.m_b.get_input_embeddings()(ids)
         keys, values = self.layer.keys_values(self.m_a.get_input_embeddings()(ids))
         update = self.layer(anchor, keys, values, "causal")[0]
-        slots = [t for t, i in enumerate(ids[0].tolist()[1:], 1) if i not in self.numeric_ids]
+        slots = [position for _, position, _, _ in key_slots(ids, self.key_index, self.pad_id)]
         x = anchor[0].clone()
         x[slots] += update[slots]
         return x, slots
@@ -82,7 +85,6 @@ def measure(run_dir: Path, composition: Path, limit: int = 300) -> dict[str, dic
     """Per KV-Arithmetic split (its first `limit` examples): writing accuracy per digit place (%, over every
     key), and m_B's exact match (%) reading the slots as written and snapped to their nearest digits."""
     reader = SlotReader(run_dir, composition)
-    table = json.loads((run_dir / "data" / "d_kv.json").read_text())["table"]
     task = ExperimentConfig.load(run_dir).task
     width = make_kv_data(task).numbers.value_width or len(str(task.value_max))
     result = {}
@@ -92,7 +94,7 @@ def measure(run_dir: Path, composition: Path, limit: int = 300) -> dict[str, dic
         for example in examples:
             x, slots = reader.written(example["prompt"])
             nearest = reader.nearest_digit(x[slots])
-            right = nearest.eq(torch.tensor(slot_digits(table, example["prompt"], width)))
+            right = nearest.eq(torch.tensor(slot_digits(reader.table, example["prompt"], width)))
             hits += right.float().view(-1, width).mean(0)
             max_new = len(example["completion"]) + 1
             as_written += reader.complete(x, max_new) == example["completion"]
