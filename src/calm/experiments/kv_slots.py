@@ -35,9 +35,10 @@ class SlotReader:
         self.tokenizer = PreTrainedTokenizerFast.from_pretrained(run_dir / "tokenizer")
         self.m_a, self.m_b = load_frozen(run_dir / "models" / "m_a"), load_frozen(run_dir / "models" / "m_b")
         model = calm.CALMForCausalLM.from_pretrained(str(composition), anchor=self.m_b, augments=[self.m_a])
-        if [-1, -1] not in [list(c) for c in model.config.connections[0]]:
+        connections = [list(c) for c in model.config.connections[0]]
+        if [-1, -1] not in connections:
             raise ValueError(f"{composition} has no connection from m_A's embeddings into m_B's input")
-        self.layer = model.composition[0][[list(c) for c in model.config.connections[0]].index([-1, -1])]
+        self.layer = model.composition[0][connections.index([-1, -1])]
         self.embed = self.m_b.get_input_embeddings().weight
         self.digit_ids = torch.tensor(self.tokenizer.convert_tokens_to_ids(list(string.digits)))
         self.table = json.loads((run_dir / "data" / "d_kv.json").read_text())["table"]
@@ -87,9 +88,9 @@ def measure(run_dir: Path, composition: Path, limit: int = 300) -> dict[str, dic
     reader = SlotReader(run_dir, composition)
     task = ExperimentConfig.load(run_dir).task
     width = make_kv_data(task).numbers.value_width or len(str(task.value_max))
-    result = {}
+    eval_sets, result = load_eval_sets(run_dir), {}
     for split in ("kv_arithmetic_seen", "kv_arithmetic_unseen"):
-        examples = load_eval_sets(run_dir)[split][:limit]
+        examples = eval_sets[split][:limit]
         hits, as_written, snapped = torch.zeros(width), 0, 0
         for example in examples:
             x, slots = reader.written(example["prompt"])
