@@ -326,6 +326,14 @@ def test_noisy_digits_moves_only_the_chosen_positions_and_grows_with_its_scale()
     assert moved[0.5].mean() < moved[1.0].mean() < 2 * digits.norm(dim=-1).mean()
 
 
+def test_noisy_digits_passes_the_loss_on_to_the_digit_embeddings():
+    torch.manual_seed(0)
+    digits = torch.randn(10, 16, requires_grad=True)
+    where = torch.ones(4, 3, dtype=torch.bool)
+    noisy_digits(torch.zeros(4, 3, 16), digits, where, 1.0).sum().backward()
+    assert digits.grad is not None and digits.grad.abs().sum() > 0
+
+
 def test_digit_noise_changes_m_b_loss_and_needs_the_number_format(tokenizer, splits):
     model = make_llama(ModelSpec(1, 16, 2, 32), tokenizer, seed=0)
     examples = splits.eval_sets["numeric_arithmetic"][:8]

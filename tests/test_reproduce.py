@@ -24,7 +24,8 @@ def test_quick_reproduction_writes_every_output(tmp_path):
         assert (out / name).is_file(), name
     result = json.loads((out / "results.json").read_text())
     assert set(result["table"]) == {"m_A", "m_B", "CALM", "m_B + LoRA", "m_B fine-tuned", "CALM, D_C + KV-Substitution",
-                                    "CALM, vanilla m_A", "CALM, random m_A", "CALM, m_A on prompt only"}
+                                    "CALM, then D_C + KV-Substitution", "CALM, vanilla m_A", "CALM, random m_A",
+                                    "CALM, m_A on prompt only"}
     assert result["settings"]["d_c_tasks"] == ["kv_arithmetic"]
     assert set(result["table"]["CALM"]) == {"kv_substitution", "numeric_arithmetic", "kv_arithmetic_seen",
                                             "kv_arithmetic_unseen"}
@@ -33,6 +34,7 @@ def test_quick_reproduction_writes_every_output(tmp_path):
     last = [config["m_a"]["num_layers"] - 1, config["m_b"]["num_layers"] - 1]
     runs = result["runs"]
     assert runs["CALM, D_C + KV-Substitution"]["connections"] == [runs["CALM"]["connections"][0] + [last]]
+    assert runs["CALM, then D_C + KV-Substitution"]["connections"] == [runs["CALM"]["connections"][0] + [last]]
     assert "for \"CALM, D_C + KV-Substitution\"" in (out / "results.md").read_text()
     calm_params, lora_params = (result["runs"][k]["trainable_params"] for k in ("CALM", "m_B + LoRA"))
     assert abs(lora_params - calm_params) <= 0.1 * calm_params  # the LoRA baseline matches CALM's size
@@ -134,3 +136,36 @@ def test_one_hot_errors_tell_an_exact_linear_code_from_noise():
     assert max(one_hot_errors(exact[:100], y[:100], exact[100:], y[100:])) < 1e-3
     noise = torch.randn(300, 40, generator=generator, dtype=torch.float64)
     assert one_hot_errors(noise[:100], y[:100], noise[100:], y[100:])[1] > 1.0
+
+
+def test_extend_starts_the_shared_connections_from_the_trained_weights(tmp_path):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from calm.experiments.kv_reproduce import CompositionSpec, compose, extend
+
+    def llama(width: int) -> LlamaForCausalLM:
+        return LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=width, intermediate_size=2 * width,
+                                            num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2))
+
+    llama(32).save_pretrained(tmp_path / "m_b")
+    spec = CompositionSpec.quick()
+    trained = compose(tmp_path / "m_b", llama(16), spec, "prompt", ("kv_arithmetic",))
+    with torch.no_grad():
+        for p in trained.composition.parameters():
+            p.add_(1.0)  # stands in for training
+
+    both = extend(trained, tmp_path / "m_b", spec, ("kv_arithmetic", "kv_substitution"))
+    assert both.config.connections == [[[-1, -1], [1, 1]]] and both.config.augment_mode == "prompt"
+    shared, added = both.composition[0]
+    old = trained.composition[0][0].state_dict()
+    assert all(torch.equal(v, old[k]) for k, v in shared.state_dict().items())
+    assert not any(torch.equal(v, old[k]) for k, v in added.state_dict().items() if "norm" not in k)
+    with torch.no_grad():
+        shared.o.weight.zero_()
+    assert not torch.equal(trained.composition[0][0].o.weight, shared.o.weight)  # a copy, not the same tensor
+
+    other = CompositionSpec.quick()
+    other.connections = [[0, 0]]
+    with pytest.raises(ValueError, match="do not start with the trained connections"):
+        extend(trained, tmp_path / "m_b", other, ("kv_arithmetic",))

@@ -3,8 +3,8 @@
     build the task and the base models     (kv_arithmetic.py: m_A knows D_KV, m_B knows arithmetic)
     compose m_B with m_A, train on D_C     (calm.compose + calm.train, D_C uses 20% of the keys)
     baselines on the same D_C and budget   (LoRA on m_B with as many parameters, m_B fully fine-tuned)
-    ablations (--ablations)                (the issue's D_C with KV-Substitution; vanilla m_A, random m_A,
-                                            m_A reading the prompt only)
+    ablations (--ablations)                (the issue's D_C with KV-Substitution, from scratch and from CALM;
+                                            vanilla m_A, random m_A, m_A reading the prompt only)
     evaluate everything, write the report  (results.md/.json, learning_curves.png, attention.png)
 """
 
@@ -41,6 +41,9 @@ from calm.train import METRICS_FILE, TrainConfig, read_metrics, train
 # without its own adapter there LoRA could not tell two keys apart.
 LORA_TARGETS = ("embed_tokens", "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 WITH_SUBSTITUTION = "CALM, D_C + KV-Substitution"
+# CALM's trained connection goes on training, with the substitution connection added, on the issue's D_C:
+# arithmetic is learnt first, so substitution no longer keeps it from being learnt.
+THEN_SUBSTITUTION = "CALM, then D_C + KV-Substitution"
 EVAL_SETS = ("kv_substitution", "numeric_arithmetic", "kv_arithmetic_seen", "kv_arithmetic_unseen")
 
 
@@ -90,6 +93,20 @@ def compose(anchor_path: Path, augment: PreTrainedModel, spec: CompositionSpec, 
         connections.append([augment.config.num_hidden_layers - 1, anchor.config.num_hidden_layers - 1])
     return calm.compose(anchor, augment, connections=connections, num_heads=spec.num_heads, augment_mode=mode,
                         rope_theta=spec.rope_theta)
+
+
+def extend(trained: calm.CALMForCausalLM, anchor_path: Path, spec: CompositionSpec,
+           tasks: tuple[str, ...]) -> calm.CALMForCausalLM:
+    """`compose` over `trained`'s m_A and mode for a D_C made of `tasks`. The connections it shares with
+    `trained` start from their trained weights; the ones `tasks` adds start fresh."""
+    model = compose(anchor_path, trained.augments[0], spec, trained.config.augment_mode, tasks)
+    for new, old, layers, trained_layers in zip(model.config.connections, trained.config.connections,
+                                                model.composition, trained.composition, strict=True):
+        if new[:len(old)] != old:
+            raise ValueError(f"connections {new} do not start with the trained connections {old}")
+        for layer, trained_layer in zip(layers, trained_layers):
+            layer.load_state_dict(trained_layer.state_dict())
+    return model
 
 
 def lora_model(anchor_path: Path, target_params: int) -> tuple[PreTrainedModel, int]:
@@ -176,8 +193,11 @@ def reproduce(out_dir: Path, seed: int = 0, quick: bool = False, ablations: bool
     if ablations:
         if "kv_substitution" not in tasks:  # the issue's D_C, for comparison
             with_substitution = replace(cfg.task, composition_tasks=(*tasks, "kv_substitution"))
+            d_c_both = make_splits(with_substitution, task.data).composition_train
             add(WITH_SUBSTITUTION, calm_model(paths.m_a, d_c_tasks=with_substitution.composition_tasks), spec.lr,
-                make_splits(with_substitution, task.data).composition_train)
+                d_c_both)
+            add(THEN_SUBSTITUTION, extend(models["CALM"], paths.m_b, spec, with_substitution.composition_tasks),
+                spec.lr, d_c_both)
         add("CALM, vanilla m_A", calm_model(paths.m_a_vanilla), spec.lr)
         add("CALM, random m_A", calm_model(paths.m_a_random), spec.lr)
         add("CALM, m_A on prompt only", calm_model(paths.m_a, "prompt"), spec.lr)
