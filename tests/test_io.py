@@ -71,6 +71,7 @@ def test_anchor_of_another_architecture_warns(saved, recwarn):
     calm.CALMForCausalLM.from_pretrained(path, anchor=mistral, augments=[model.augments[0]])
     messages = [str(w.message) for w in recwarn]
     assert any("anchor is a 'mistral' model" in m and "a 'llama' model" in m for m in messages), messages
+    assert {w.filename for w in recwarn if "a 'llama' model" in str(w.message)} == {__file__}  # the caller's line
     calm.CALMForCausalLM.from_pretrained(path, anchor=model.anchor, augments=[model.augments[0]])
     assert not any("model but the composition was trained on" in str(w.message) for w in recwarn[len(messages):])
 

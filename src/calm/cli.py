@@ -314,8 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("experiment", choices=["kv-arithmetic"], help="which result (the paper's Table 1)")
     sub.add_argument("--quick", action="store_true", help="tiny sizes: the whole pipeline in about 2 minutes")
     sub.add_argument("--ablations", action="store_true",
-                     help="also run CALM on the issue's D_C (with KV-Substitution) and the vanilla/random m_A and "
-                          "prompt-mode rows")
+                     help="also train CALM on the issue's D_C (with KV-Substitution), from scratch and from the "
+                          "trained CALM, and the vanilla/random m_A and prompt-mode rows")
     sub.add_argument("--seed", type=int, default=0, help="random seed of the whole run")
     sub.add_argument("--threads", type=_bounded(int, 0), default=0,
                      help="torch CPU threads (0: one per core; 1 lets two seeds run side by side)")

@@ -146,7 +146,7 @@ def check_base(config_record: dict, model: PreTrainedModel, who: str) -> None:
     if expected_type and expected_type != model.config.model_type:
         warnings.warn(f"{who} is a {model.config.model_type!r} model but the composition was trained on "
                       f"{trained_on}, a {expected_type!r} model: its weights only make sense on the same base model",
-                      stacklevel=3)
+                      stacklevel=4)  # the line that called CALMForCausalLM.from_pretrained
 
 
 def load_composition(cls: type[CALMForCausalLM], directory: str | os.PathLike, anchor: PreTrainedModel | None,
