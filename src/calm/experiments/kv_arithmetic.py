@@ -36,6 +36,7 @@ from transformers import (
     set_seed,
 )
 
+from calm.data import IGNORE_INDEX, pad
 from calm.eval import greedy_completions
 from calm.tasks.kv_arithmetic import (
     Example,
@@ -228,17 +229,10 @@ def collate(examples: Sequence[Example], tokenizer: PreTrainedTokenizerBase) -> 
     loss is on the completion (and its EOS) only."""
     prompts = tokenizer([ex["prompt"] for ex in examples])["input_ids"]  # starts with BOS
     completions = tokenizer([ex["completion"] for ex in examples], add_special_tokens=False)["input_ids"]
-    rows = [(p + c + [tokenizer.eos_token_id], [-100] * len(p) + c + [tokenizer.eos_token_id])
-            for p, c in zip(prompts, completions)]
-    width = max(len(ids) for ids, _ in rows)
-    input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
-    labels = torch.full((len(rows), width), -100, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, (ids, lab) in enumerate(rows):
-        input_ids[i, : len(ids)] = torch.tensor(ids)
-        labels[i, : len(lab)] = torch.tensor(lab)
-        attention_mask[i, : len(ids)] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    inputs = [p + c + [tokenizer.eos_token_id] for p, c in zip(prompts, completions)]
+    labels = [[IGNORE_INDEX] * len(p) + c + [tokenizer.eos_token_id] for p, c in zip(prompts, completions)]
+    return {"input_ids": pad(inputs, tokenizer.pad_token_id), "attention_mask": pad([[1] * len(i) for i in inputs], 0),
+            "labels": pad(labels, IGNORE_INDEX)}
 
 
 def soft_label_loss(logits: torch.Tensor, labels: torch.Tensor, alt_labels: torch.Tensor,
