@@ -13,7 +13,6 @@ key's states is from the exact one-hot digits, on seen and unseen keys.
 from __future__ import annotations
 
 import argparse
-import json
 import random
 from collections.abc import Sequence
 from pathlib import Path
@@ -83,10 +82,9 @@ def probe(run_dir: Path, seed: int = 0) -> dict[str, list[list[float]]]:
     most significant first; and under "key_one_hot_error", per layer, `one_hot_errors` at the key's token on
     seen and unseen keys."""
     tokenizer = PreTrainedTokenizerFast.from_pretrained(run_dir / "tokenizer")
-    d_kv = json.loads((run_dir / "data" / "d_kv.json").read_text())
-    table, keys = d_kv["table"], list(d_kv["table"])
     task = ExperimentConfig.load(run_dir).task
     data = make_kv_data(task)
+    table, keys = data.table, list(data.table)
     marker, pad = task.arithmetic_marker, data.key_pad
     places = [10**i for i in reversed(range(data.numbers.value_width or len(str(task.value_max))))]
     model = load_frozen(run_dir / "models" / "m_a")
@@ -96,8 +94,8 @@ def probe(run_dir: Path, seed: int = 0) -> dict[str, list[list[float]]]:
         texts = [f"{k}{pad}+{rng.choice(keys)}{pad}{marker}" for k in subset for _ in range(PROMPTS_PER_KEY)]
         return texts, torch.tensor([table[t.split("+")[0].rstrip(KEY_PAD)] for t in texts])
 
-    train_prompts, train_values = prompts(d_kv["seen_keys"])
-    test_prompts, test_values = prompts(d_kv["unseen_keys"])
+    train_prompts, train_values = prompts(data.seen_keys)
+    test_prompts, test_values = prompts(data.unseen_keys)
     torch.manual_seed(seed)
     result = {}
     for position in ("key", "end"):

@@ -13,7 +13,6 @@ model's score.
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import string
 from collections.abc import Sequence
@@ -41,7 +40,9 @@ class SlotReader:
         self.layer = model.composition[0][connections.index([-1, -1])]
         self.embed = self.m_b.get_input_embeddings().weight
         self.digit_ids = torch.tensor(self.tokenizer.convert_tokens_to_ids(list(string.digits)))
-        self.table = json.loads((run_dir / "data" / "d_kv.json").read_text())["table"]
+        self.task = ExperimentConfig.load(run_dir).task
+        self.data = make_kv_data(self.task)
+        self.table = self.data.table
         self.key_index = {i: k for k, i in enumerate(self.tokenizer.convert_tokens_to_ids(list(self.table)))}
         self.pad_id = self.tokenizer.convert_tokens_to_ids(KEY_PAD)
 
@@ -86,8 +87,7 @@ def measure(run_dir: Path, composition: Path, limit: int = 300) -> dict[str, dic
     """Per KV-Arithmetic split (its first `limit` examples): writing accuracy per digit place (%, over every
     key), and m_B's exact match (%) reading the slots as written and snapped to their nearest digits."""
     reader = SlotReader(run_dir, composition)
-    task = ExperimentConfig.load(run_dir).task
-    width = make_kv_data(task).numbers.value_width or len(str(task.value_max))
+    width = reader.data.numbers.value_width or len(str(reader.task.value_max))
     eval_sets, result = load_eval_sets(run_dir), {}
     for split in ("kv_arithmetic_seen", "kv_arithmetic_unseen"):
         examples = eval_sets[split][:limit]

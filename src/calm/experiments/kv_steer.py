@@ -13,7 +13,6 @@ same keys. It measures m_B alone, with the best possible m_A: compare an m_B tra
 from __future__ import annotations
 
 import argparse
-import json
 import random
 from collections.abc import Sequence
 from pathlib import Path
@@ -48,15 +47,15 @@ def multi_key_arithmetic(examples: Sequence[Example], marker: str) -> list[Examp
 def steer(run_dir: Path, steps: int = 300, lr: float = 1e-2, batch_size: int = 32, seed: int = 0) -> dict:
     """Exact match (%) of m_B with fitted slot vectors: on D_C's two-key prompts and on held-out ones."""
     tokenizer = PreTrainedTokenizerFast.from_pretrained(run_dir / "tokenizer")
-    seen = json.loads((run_dir / "data" / "d_kv.json").read_text())["seen_keys"]
-    key_index = {tokenizer.convert_tokens_to_ids(k): i for i, k in enumerate(seen)}
-    pad_id = tokenizer.convert_tokens_to_ids(KEY_PAD)
     task = ExperimentConfig.load(run_dir).task
+    data = make_kv_data(task)
+    key_index = {tokenizer.convert_tokens_to_ids(k): i for i, k in enumerate(data.seen_keys)}
+    pad_id = tokenizer.convert_tokens_to_ids(KEY_PAD)
     model = load_frozen(run_dir / "models" / "m_b")
     embed = model.get_input_embeddings()
     d_c = multi_key_arithmetic(read_jsonl(run_dir / "data" / "composition_train.jsonl"), task.arithmetic_marker)
     held_out = load_eval_sets(run_dir)["kv_arithmetic_seen"]
-    width = 1 + len(make_kv_data(task).key_pad)
+    width = 1 + len(data.key_pad)
     vectors = torch.nn.Parameter(embed.weight[list(key_index)].detach()[:, None].repeat(1, width, 1))
     optimizer = torch.optim.Adam([vectors], lr=lr)
 
