@@ -91,10 +91,10 @@ class KVConfig:
     # seen keys and two operands there are 100*100*2 = 20,000 expressions.
     num_composition_examples: int = 2000
     # Tasks each D_C expression gives. The issue asks for both KV tasks, the paper's §3.2 for arithmetic only.
-    # With KV-Substitution in D_C the composition learnt substitution but no arithmetic (seed-0 trial: KV-Sub
-    # 99%, KV-Arithmetic on held-out keys 0.7% against 67% without): m_B only adds up what sits in a key's
-    # slots, and substitution asks the same slots to make it echo. `calm reproduce kv-arithmetic --ablations`
-    # also trains on the issue's D_C and reports it as its own row (`kv_reproduce`).
+    # Trained from scratch on both, the composition learns substitution but no arithmetic (3 seeds: KV-Sub
+    # 99.9%, KV-Arithmetic on held-out keys 2.4% against 73.3% without). `calm reproduce kv-arithmetic
+    # --ablations` also trains on the issue's D_C, from scratch and from the composition trained on this one,
+    # which keeps its arithmetic (71.8%) and learns substitution on two seeds of three (`kv_reproduce`).
     composition_tasks: tuple[str, ...] = ("kv_arithmetic",)
     # Not in the paper: D_C also holds each seen key alone ('abc_=' -> '+007'), this many times. A one-key
     # expression pins a key's digits down directly (trials, seed 0: 66% -> 98% on new expressions over D_C's
