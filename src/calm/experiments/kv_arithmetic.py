@@ -88,8 +88,8 @@ class TrainSpec:
     # (`noisy_digits`). What the composition writes into a key's slots is near the right digit's embedding,
     # never on it, and m_B trained on exact digits misread it: on held-out keys, seeds 0 and 2 scored 20% and
     # 50% reading the slots as written, 55% and 80% with each slot snapped to its nearest digit (`kv_slots`).
-    # The noise is made of the digit embeddings and is not detached from them, so the loss also moves the
-    # digits apart from what the noise makes of them. On seed 0's bases, compositions with seeds 0 and 1
+    # The noise is made of the digit embeddings and is not detached from them, so the loss also shapes the
+    # digit embeddings through it. On seed 0's bases, compositions with seeds 0 and 1
     # scored 66% and 80% on held-out keys over an m_B trained this way, 43% and 70% with the noise detached
     # (scratch trials); 3 seeds: 73% against 39% (README). At scale 1.0, m_B's own arithmetic fell to 57%.
     digit_noise: float = 0.0
