@@ -42,8 +42,7 @@ class SlotReader:
         self.digit_ids = torch.tensor(self.tokenizer.convert_tokens_to_ids(list(string.digits)))
         self.task = ExperimentConfig.load(run_dir).task
         self.data = make_kv_data(self.task)
-        self.table = self.data.table
-        self.key_index = {i: k for k, i in enumerate(self.tokenizer.convert_tokens_to_ids(list(self.table)))}
+        self.key_index = {i: k for k, i in enumerate(self.tokenizer.convert_tokens_to_ids(list(self.data.table)))}
         self.pad_id = self.tokenizer.convert_tokens_to_ids(KEY_PAD)
 
     @torch.no_grad()
@@ -95,7 +94,7 @@ def measure(run_dir: Path, composition: Path, limit: int = 300) -> dict[str, dic
         for example in examples:
             x, slots = reader.written(example["prompt"])
             nearest = reader.nearest_digit(x[slots])
-            right = nearest.eq(torch.tensor(slot_digits(reader.table, example["prompt"], width)))
+            right = nearest.eq(torch.tensor(slot_digits(reader.data.table, example["prompt"], width)))
             hits += right.float().view(-1, width).mean(0)
             max_new = len(example["completion"]) + 1
             as_written += reader.complete(x, max_new) == example["completion"]
