@@ -66,8 +66,8 @@ class CompositionSpec:
     # Rotary offsets in the cross-attention (not in the paper): without them a query tells m_A's positions
     # apart by content only, and a key's slots must read the key at offsets 0, 1 and 2.
     rope_theta: float | None = 10000.0
-    # ~31 passes over D_C's 3,125 examples. In the 3-seed runs, CALM's loss fell below 0.3 between steps 400
-    # and 860; with an m_B trained on exact digits, 2 of 6 runs were still on their plateau at 3,000.
+    # ~31 passes over D_C's 3,125 examples. In the 3-seed runs, CALM's loss fell below 0.3 between steps 380
+    # and 920; with an m_B trained on exact digits, 2 of 6 runs were still on their plateau at 3,000.
     steps: int = 3000
     batch_size: int = 32
     # Composition layers and LoRA adapters. Steering m_B through its inputs is slow and delicate: 1e-2 (or
