@@ -76,6 +76,15 @@ def test_user_errors_are_one_line_and_debug_shows_the_traceback(assets, capsys):
         main(["--debug", *argv])
 
 
+def test_augment_dropout_flag_reaches_the_saved_config_and_bad_values_are_one_line(assets, tmp_path, capsys):
+    base = ["compose", "--anchor", str(assets["anchor"]), "--augment", str(assets["augment"]), "--num-connections",
+            "1"]
+    assert main([*base, "--augment-dropout", "0.1", "--save", str(tmp_path)]) == 0
+    assert json.loads((tmp_path / "calm_config.json").read_text())["augment_dropout"] == 0.1
+    assert main([*base, "--augment-dropout", "1.5"]) == 2
+    assert capsys.readouterr().err.splitlines()[-1].startswith("calm: error: augment_dropout=1.5 is invalid")
+
+
 def test_compose_prints_connections_and_parameter_count(assets, capsys):
     assert main(["compose", "--anchor", str(assets["anchor"]), "--augment", str(assets["augment"]),
                  "--connections", "0:0,1:1"]) == 0

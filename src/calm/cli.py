@@ -59,6 +59,8 @@ def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--rope-theta", type=parse_rope_theta, default=10000.0,
                        help="rotary position base of the cross-attention ('none': no position encoding, as the "
                             "paper's code)")
+    group.add_argument("--augment-dropout", type=float, default=0.0,
+                       help="dropout on the augments' states before f_proj, in training only (default: 0)")
     group.add_argument("--init", default="identity", choices=["identity", "paper"], help="composition init")
     group.add_argument("--augment-mode", default="iterative", choices=["iterative", "prompt"],
                        help="augments read every token (iterative, the paper's default) or only the prompt")
@@ -129,7 +131,8 @@ def compose_from_args(args: argparse.Namespace):
     augments = [load_base(name, args) for name in args.augment]
     return calm.compose(anchor, augments, connections=args.connections, num_connections=args.num_connections,
                         every=args.every, num_heads=args.num_heads, qk_norm=args.qk_norm, init=args.init,
-                        augment_mode=args.augment_mode, rope_theta=args.rope_theta)
+                        augment_mode=args.augment_mode, rope_theta=args.rope_theta,
+                        augment_dropout=args.augment_dropout)
 
 
 def load_composition(args: argparse.Namespace):
@@ -388,7 +391,7 @@ def _from_run_record(record: dict) -> dict:
     values = dict(record["train"])
     model = record.get("model") if isinstance(record.get("model"), dict) else {}
     for key in ("anchor", "augments", "tokenizer", "dtype", "connections", "num_heads", "qk_norm", "init",
-                "augment_mode", "rope_theta"):
+                "augment_mode", "rope_theta", "augment_dropout"):
         if key in model:
             values.setdefault("augment" if key == "augments" else key, model[key])
     data = record.get("data") if isinstance(record.get("data"), dict) else {}

@@ -115,6 +115,7 @@ class CALMConfig(PretrainedConfig):
         init: str = "identity",
         augment_mode: str = "iterative",
         rope_theta: float | None = 10000.0,
+        augment_dropout: float = 0.0,
         anchor: dict | None = None,
         augments: list[dict] | None = None,
         **kwargs: Any,
@@ -127,6 +128,7 @@ class CALMConfig(PretrainedConfig):
         self.init = init
         self.augment_mode = augment_mode
         self.rope_theta = rope_theta
+        self.augment_dropout = augment_dropout
         self.anchor = dict(anchor or {})
         self.augments = [dict(a) for a in (augments or [])]
         kwargs.setdefault("vocab_size", self.anchor.get("vocab_size"))
@@ -148,6 +150,9 @@ class CALMConfig(PretrainedConfig):
         if theta is not None and (isinstance(theta, bool) or not isinstance(theta, (int, float)) or not theta > 1):
             raise ValueError(f"rope_theta={theta!r} is invalid: expected a number > 1, or None for no rotary "
                              "position encoding in the cross-attention")
+        p = self.augment_dropout
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p < 1:
+            raise ValueError(f"augment_dropout={p!r} is invalid: expected a probability in [0, 1)")
         self.validate_structure()
 
     def validate_structure(self) -> None:

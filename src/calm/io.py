@@ -69,7 +69,7 @@ def save_composition(model: CALMForCausalLM, save_directory: str | os.PathLike, 
     directory.mkdir(parents=True, exist_ok=True)
     weights = model.composition.state_dict() if weights is None else weights
     state = {k: v.detach().contiguous().cpu() for k, v in weights.items()}
-    config = {key: getattr(model.config, key) for key in (*_CONFIG_FIELDS, "rope_theta")}
+    config = {key: getattr(model.config, key) for key in (*_CONFIG_FIELDS, "rope_theta", "augment_dropout")}
     config["format"] = FORMAT
 
     def write_weights(tmp: str) -> None:
@@ -111,6 +111,8 @@ def load_config(directory: str | os.PathLike) -> CALMConfig:
     kwargs = {k: raw[k] for k in _CONFIG_FIELDS}
     # Files written before rotary cross-attention existed were trained without it.
     kwargs["rope_theta"] = raw.get("rope_theta")
+    # Files written before augment dropout existed were trained without it.
+    kwargs["augment_dropout"] = raw.get("augment_dropout", 0.0)
     try:
         config = CALMConfig(**kwargs, vocab_size=raw["anchor"]["vocab_size"])
     except ValueError as e:  # options and connections, checked against the recorded base models

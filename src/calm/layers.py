@@ -15,7 +15,7 @@ class CrossAttention(nn.Module):
     """
 
     def __init__(self, augment_width: int, anchor_width: int, num_heads: int, qk_norm: bool = True,
-                 init: str = "identity", rope_theta: float | None = None) -> None:
+                 init: str = "identity", rope_theta: float | None = None, augment_dropout: float = 0.0) -> None:
         super().__init__()
         if anchor_width % num_heads:
             raise ValueError(
@@ -27,6 +27,10 @@ class CrossAttention(nn.Module):
             raise ValueError(f"rotary cross-attention needs an even head size, got {self.head_dim} "
                              f"(anchor width {anchor_width} / num_heads {num_heads})")
         self.rope_theta = rope_theta
+        # Dropout on the augment's states in training (like LoRA's dropout on its input): f_proj must then read
+        # a fact from many of the augment's directions at once, and so reads it more alike on facts it never
+        # trained on (kv-arithmetic: held-out keys).
+        self.augment_dropout = nn.Dropout(augment_dropout)
         self.proj = nn.Linear(augment_width, anchor_width)  # f_proj
         self.q = nn.Linear(anchor_width, anchor_width, bias=False)
         self.k = nn.Linear(anchor_width, anchor_width, bias=False)
@@ -63,7 +67,7 @@ class CrossAttention(nn.Module):
                     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Project augment hidden states (B, S, D_A) at `positions` (B or 1, S) to per-head keys and values
         (B, H, S, head_dim). Keys are stored already rotated, so a cache never needs their positions."""
-        x = self.key_norm(self.proj(augment_states.to(self.proj.weight.dtype)))
+        x = self.key_norm(self.proj(self.augment_dropout(augment_states.to(self.proj.weight.dtype))))
         return self._rotate(self._heads(self.k(x)), positions), self._heads(self.v(x))
 
     def _query(self, anchor_states: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:

@@ -69,7 +69,7 @@ class CALMForCausalLM(PreTrainedModel, GenerationMixin):
         self.composition = nn.ModuleList(
             nn.ModuleList(
                 CrossAttention(base_info(augment).width, anchor_info.width, config.num_heads, config.qk_norm,
-                               config.init, config.rope_theta)
+                               config.init, config.rope_theta, config.augment_dropout)
                 for _ in conns
             )
             for augment, conns in zip(augments, config.connections)
@@ -357,6 +357,7 @@ def compose(
     init: str = "identity",
     augment_mode: str = "iterative",
     rope_theta: float | None = 10000.0,
+    augment_dropout: float = 0.0,
 ) -> CALMForCausalLM:
     """Compose a frozen anchor with one or more frozen augmenting causal LMs.
 
@@ -392,7 +393,8 @@ def compose(
         raise ValueError(f"num_heads={heads} must divide the anchor's hidden width {anchor_info.width}")
     config = CALMConfig(
         connections=[[list(p) for p in r] for r in resolved], num_heads=heads, qk_norm=qk_norm, init=init,
-        augment_mode=augment_mode, rope_theta=rope_theta, anchor=_record(anchor_info, anchor),
+        augment_mode=augment_mode, rope_theta=rope_theta, augment_dropout=augment_dropout,
+        anchor=_record(anchor_info, anchor),
         augments=[_record(info, a) for info, a in zip(infos, augments)],
         pad_token_id=anchor.config.pad_token_id, eos_token_id=anchor.config.eos_token_id,
         bos_token_id=anchor.config.bos_token_id,

@@ -1082,7 +1082,7 @@ def run_train(args: argparse.Namespace) -> TrainResult:
                   "dtype": args.dtype, "connections": model.config.connections,
                   "num_heads": model.config.num_heads, "qk_norm": model.config.qk_norm,
                   "rope_theta": model.config.rope_theta, "init": model.config.init,
-                  "augment_mode": model.config.augment_mode},
+                  "augment_mode": model.config.augment_mode, "augment_dropout": model.config.augment_dropout},
         "data": {"train": [str(p) for p in args.train_data], "eval": [str(p) for p in args.eval_data or []]},
     }
     return train(model, tokenizer, train_set, eval_set, config, run_info=run_info)
