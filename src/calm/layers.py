@@ -27,9 +27,9 @@ class CrossAttention(nn.Module):
             raise ValueError(f"rotary cross-attention needs an even head size, got {self.head_dim} "
                              f"(anchor width {anchor_width} / num_heads {num_heads})")
         self.rope_theta = rope_theta
-        # Dropout on the augment's states in training (like LoRA's dropout on its input): f_proj must then read
-        # a fact from many of the augment's directions at once, and so reads it more alike on facts it never
-        # trained on (kv-arithmetic: held-out keys).
+        # Dropout on the augment's states in training, as LoRA drops its input: f_proj must then read a fact
+        # from many of the augment's directions at once, which can carry over better to facts the composition
+        # data never showed.
         self.augment_dropout = nn.Dropout(augment_dropout)
         self.proj = nn.Linear(augment_width, anchor_width)  # f_proj
         self.q = nn.Linear(anchor_width, anchor_width, bias=False)
