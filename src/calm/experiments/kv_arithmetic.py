@@ -114,8 +114,8 @@ class ExperimentConfig:
     # m_B's reading limits held-out KV-Arithmetic: the composition writes the right nearest digit into 96-100% of a
     # held-out key's slots (`kv_slots`, seeds 0 and 2), and m_B misreads some. On seed 0, 4,500 steps gave 97.0%
     # Numeric against 93.0% at 3,000, and compositions over it 89% and 91% on held-out keys against 78% (scratch
-    # trials). Over 3 seeds the mean did not move (CALM 71.3% against 73.3% on held-out keys), but the composition
-    # trained after CALM on the D_C learnt substitution on every seed (97.7-100%, against 82-100%).
+    # trials). Over 3 seeds, before augment dropout, the mean did not move (CALM 71.3% against 73.3% on held-out
+    # keys), but the composition trained after CALM on the D_C learnt substitution on every seed.
     m_b_train: TrainSpec = field(default_factory=lambda: TrainSpec(steps=4500, batch_size=64, lr=2e-3,
                                                                     digit_mixup=0.8, digit_noise=0.5))
     vanilla_train: TrainSpec = field(default_factory=lambda: TrainSpec(steps=3000, batch_size=64, lr=5e-3,
