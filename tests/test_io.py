@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 
 import pytest
@@ -9,6 +10,7 @@ import torch
 from conftest import randomize, tiny
 
 import calm
+from calm.config import OPTIONS
 from calm.io import CONFIG_NAME, WEIGHTS_NAME
 
 
@@ -38,6 +40,17 @@ def test_round_trip_gives_bit_identical_logits(saved):
     x = torch.randint(3, 90, (2, 8))
     with torch.no_grad():
         assert torch.equal(model(input_ids=x).logits, loaded(input_ids=x).logits)
+
+
+def test_every_option_survives_the_round_trip(tmp_path, pair):
+    chosen = {"num_heads": 2, "qk_norm": False, "init": "paper", "augment_mode": "prompt", "rope_theta": None,
+              "augment_dropout": 0.25}
+    # Every CALMConfig option is in OPTIONS (what io, the run record and the CLI carry over), and none is left out.
+    given = set(inspect.signature(calm.CALMConfig).parameters) - {"connections", "anchor", "augments", "kwargs"}
+    assert set(OPTIONS) == given == set(chosen)
+    calm.compose(*pair, num_connections=1, **chosen).save_pretrained(tmp_path)
+    loaded = calm.CALMForCausalLM.from_pretrained(tmp_path, anchor=pair[0], augments=[pair[1]])
+    assert {key: getattr(loaded.config, key) for key in OPTIONS} == chosen
 
 
 def test_loads_bases_from_recorded_paths(tmp_path, pair):

@@ -388,10 +388,11 @@ def apply_config_file(parser: argparse.ArgumentParser, argv: Sequence[str]) -> a
 def _from_run_record(record: dict) -> dict:
     """The options of a run's own `train_config.json` (TrainConfig values under `train`, the models under
     `model`, the data files under `data`) as flat `calm train` options."""
+    from .config import OPTIONS
+
     values = dict(record["train"])
     model = record.get("model") if isinstance(record.get("model"), dict) else {}
-    for key in ("anchor", "augments", "tokenizer", "dtype", "connections", "num_heads", "qk_norm", "init",
-                "augment_mode", "rope_theta", "augment_dropout"):
+    for key in ("anchor", "augments", "tokenizer", "dtype", "connections", *OPTIONS):
         if key in model:
             values.setdefault("augment" if key == "augments" else key, model[key])
     data = record.get("data") if isinstance(record.get("data"), dict) else {}

@@ -9,6 +9,9 @@ from transformers import PretrainedConfig
 
 INITS = ("identity", "paper")
 AUGMENT_MODES = ("iterative", "prompt")
+# The options of a composition besides its connections and base models: what a saved composition, a training
+# run's record and `calm train --resume` each carry over. A new `CALMConfig` option goes here, or is lost.
+OPTIONS = ("num_heads", "qk_norm", "init", "augment_mode", "rope_theta", "augment_dropout")
 
 
 def evenly_spaced(num_layers: int, count: int) -> list[int]:

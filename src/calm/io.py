@@ -20,7 +20,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from .blocks import base_info
-from .config import CALMConfig
+from .config import OPTIONS, CALMConfig
 
 if TYPE_CHECKING:
     from .model import CALMForCausalLM
@@ -31,6 +31,8 @@ FORMAT = "calm/1"
 _RECORD_FIELDS = {"name_or_path": str, "num_layers": int, "width": int, "vocab_size": int}
 _CONFIG_FIELDS = {"connections": list, "num_heads": int, "qk_norm": bool, "init": str, "augment_mode": str,
                   "anchor": dict, "augments": list}
+# Options added after the format's first files, with what files written before them were trained with.
+_LATER_OPTIONS = {"rope_theta": None, "augment_dropout": 0.0}
 _CHECKSUM_FIELD = "weights_sha256"  # sha256 of calm.safetensors: catches corruption and a config/weights mix-up
 
 
@@ -69,7 +71,7 @@ def save_composition(model: CALMForCausalLM, save_directory: str | os.PathLike, 
     directory.mkdir(parents=True, exist_ok=True)
     weights = model.composition.state_dict() if weights is None else weights
     state = {k: v.detach().contiguous().cpu() for k, v in weights.items()}
-    config = {key: getattr(model.config, key) for key in (*_CONFIG_FIELDS, "rope_theta", "augment_dropout")}
+    config = {key: getattr(model.config, key) for key in (*_CONFIG_FIELDS, *OPTIONS)}
     config["format"] = FORMAT
 
     def write_weights(tmp: str) -> None:
@@ -108,11 +110,7 @@ def load_config(directory: str | os.PathLike) -> CALMConfig:
         _check_record(path, who, record)
     if len(raw["augments"]) != len(raw["connections"]):
         raise ValueError(f"{path}: {len(raw['augments'])} augments but {len(raw['connections'])} connection lists")
-    kwargs = {k: raw[k] for k in _CONFIG_FIELDS}
-    # Files written before rotary cross-attention existed were trained without it.
-    kwargs["rope_theta"] = raw.get("rope_theta")
-    # Files written before augment dropout existed were trained without it.
-    kwargs["augment_dropout"] = raw.get("augment_dropout", 0.0)
+    kwargs = {k: raw[k] for k in _CONFIG_FIELDS} | {k: raw.get(k, v) for k, v in _LATER_OPTIONS.items()}
     try:
         config = CALMConfig(**kwargs, vocab_size=raw["anchor"]["vocab_size"])
     except ValueError as e:  # options and connections, checked against the recorded base models

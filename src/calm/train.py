@@ -51,6 +51,7 @@ from transformers.trainer_pt_utils import safe_globals
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from transformers.utils import logging
 
+from .config import OPTIONS
 from .data import (
     LOSS_ON,
     PROMPT_COMPLETION,
@@ -1080,9 +1081,7 @@ def run_train(args: argparse.Namespace) -> TrainResult:
     run_info = {
         "model": {"anchor": args.anchor, "augments": list(args.augment), "tokenizer": tokenizer_name,
                   "dtype": args.dtype, "connections": model.config.connections,
-                  "num_heads": model.config.num_heads, "qk_norm": model.config.qk_norm,
-                  "rope_theta": model.config.rope_theta, "init": model.config.init,
-                  "augment_mode": model.config.augment_mode, "augment_dropout": model.config.augment_dropout},
+                  **{key: getattr(model.config, key) for key in OPTIONS}},
         "data": {"train": [str(p) for p in args.train_data], "eval": [str(p) for p in args.eval_data or []]},
     }
     return train(model, tokenizer, train_set, eval_set, config, run_info=run_info)

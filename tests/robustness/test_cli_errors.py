@@ -192,3 +192,18 @@ def test_a_runs_own_train_config_json_is_a_valid_config_file(assets, tmp_path):
     assert (again.anchor, again.augment, again.train_data) == (str(assets["anchor"]), [str(assets["augment"])],
                                                                 [str(assets["train"])])
     assert again.connections == [[[0, 0], [1, 1]]]
+
+
+def test_a_runs_record_carries_every_composition_option(assets, tmp_path):
+    """A resumed or repeated run must rebuild the same composition: every option in `calm.config.OPTIONS`."""
+    from calm.cli import apply_config_file, build_parser
+    from calm.config import OPTIONS
+
+    chosen = {"num_heads": 2, "qk_norm": False, "init": "paper", "augment_mode": "prompt", "rope_theta": None,
+              "augment_dropout": 0.25}
+    assert set(chosen) == set(OPTIONS)
+    argv = fill(["train", *TRAIN, "--num-connections", "1", "--num-heads", "2", "--no-qk-norm", "--init", "paper",
+                 "--augment-mode", "prompt", "--rope-theta", "none", "--augment-dropout", "0.25"], assets, tmp_path)
+    assert main(argv) == 0
+    again = apply_config_file(build_parser(), ["train", "--config", str(tmp_path / "run" / "train_config.json")])
+    assert {key: getattr(again, key) for key in OPTIONS} == chosen
