@@ -141,8 +141,11 @@ def test_one_digit_changes_with_its_result():
 
 
 def test_fixed_width_numbers_cover_every_result():
-    fmt = NumberFormat.for_config(KVConfig(num_keys=99, value_max=200, operands_max=3))
+    cfg = KVConfig(num_keys=99, value_max=200, operands_max=3)
+    fmt = NumberFormat.for_config(cfg)
     assert (fmt.value(7), fmt.value(200), fmt.result(600), fmt.result(-5)) == ("007", "200", "+600", "-005")
+    assert cfg.value_digits == fmt.value_width == 3  # what kv_probe and kv_slots read a key's digits by
+    assert replace(cfg, fixed_width_numbers=False, pad_keys=False).value_digits == 3
     fmt = NumberFormat.for_config(KVConfig(value_max=20, operands_max=3, operators="+*", num_keys=20))
     assert fmt.result(20 * 20 * 20) == "+8000"
     assert NumberFormat(value_width=2, result_width=3, reversed_results=True).result(-127) == "-721"

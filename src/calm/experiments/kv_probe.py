@@ -86,7 +86,7 @@ def probe(run_dir: Path, seed: int = 0) -> dict[str, list[list[float]]]:
     data = make_kv_data(task)
     table, keys = data.table, list(data.table)
     marker, pad = task.arithmetic_marker, data.key_pad
-    places = [10**i for i in reversed(range(data.numbers.value_width or len(str(task.value_max))))]
+    places = [10**i for i in reversed(range(task.value_digits))]
     model = load_frozen(run_dir / "models" / "m_a")
     rng = random.Random(seed)
 

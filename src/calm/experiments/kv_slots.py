@@ -86,7 +86,7 @@ def measure(run_dir: Path, composition: Path, limit: int = 300) -> dict[str, dic
     """Per KV-Arithmetic split (its first `limit` examples): writing accuracy per digit place (%, over every
     key), and m_B's exact match (%) reading the slots as written and snapped to their nearest digits."""
     reader = SlotReader(run_dir, composition)
-    width = reader.data.numbers.value_width or len(str(reader.task.value_max))
+    width = reader.task.value_digits
     eval_sets, result = load_eval_sets(run_dir), {}
     for split in ("kv_arithmetic_seen", "kv_arithmetic_unseen"):
         examples = eval_sets[split][:limit]

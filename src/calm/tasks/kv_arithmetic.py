@@ -125,6 +125,11 @@ class KVConfig:
             raise ValueError(f"unknown composition tasks {sorted(unknown)}; known: {TASKS}")
         self.composition_tasks = tuple(self.composition_tasks)  # JSON round trips give lists
 
+    @property
+    def value_digits(self) -> int:
+        """Digits of the largest value: every value's width when numbers have a fixed width."""
+        return len(str(self.value_max))
+
     @classmethod
     def quick(cls) -> KVConfig:
         """A tiny setting for smoke tests: every code path, no accuracy to speak of."""
@@ -170,7 +175,7 @@ class NumberFormat:
         largest = cfg.value_max * cfg.operands_max  # bounds |a ± b ± ...|; products can be larger
         if "*" in cfg.operators:
             largest = max(largest, cfg.value_max**cfg.operands_max)
-        return cls(value_width=len(str(cfg.value_max)), result_width=len(str(largest)),
+        return cls(value_width=cfg.value_digits, result_width=len(str(largest)),
                    reversed_results=cfg.reversed_results)
 
     def value(self, v: int) -> str:
