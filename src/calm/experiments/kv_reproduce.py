@@ -72,8 +72,9 @@ class CompositionSpec:
     # without, seed 1's 77 / 60% against 46%. 0.2 slows the escape from the plateau: in a full run, seed 1's
     # CALM was still on it at step 3,000 (7% on held-out keys).
     augment_dropout: float = 0.1
-    # ~31 passes over D_C's 3,125 examples. In the 3-seed runs, CALM's loss fell below 0.3 between steps 380
-    # and 1,020; with an m_B trained on exact digits, 2 of 6 runs were still on their plateau at 3,000.
+    # ~31 passes over D_C's 3,125 examples. In the last two versions' 3-seed runs, CALM's loss fell below 0.3
+    # between steps 380 and 1,020; with an m_B trained on exact digits, 2 of 6 runs were still on their plateau
+    # at 3,000.
     steps: int = 3000
     batch_size: int = 32
     # Composition layers and LoRA adapters. Steering m_B through its inputs is slow and delicate: 1e-2 (or
