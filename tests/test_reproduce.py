@@ -53,6 +53,16 @@ def test_quick_reproduction_writes_every_output(tmp_path):
     assert all(len(row) == digits and all(0 <= acc <= 100 for acc in row) for row in accuracies)
     assert all(len(row) == 2 and all(err >= 0 for err in row) for row in probes["key_one_hot_error"])
 
+    # Composition seeds: the same seed retrains the same composition, another seed another one.
+    from calm.experiments.kv_draws import draws, markdown
+    from calm.experiments.kv_reproduce import CompositionSpec
+
+    records = draws(out, [0, 1, 0], every=4, examples=3, spec=CompositionSpec.quick())
+    assert [[s["step"] for s in r["along_the_way"]] for r in records] == [[4, 8]] * 3
+    assert all(set(r["final"]) == {"kv_arithmetic_seen", "kv_arithmetic_unseen"} for r in records)
+    assert records[0]["train_loss"] == records[2]["train_loss"] != records[1]["train_loss"]
+    assert markdown(records).count("\n| 0 |") == 2 and (out / "draws" / "seed1" / "calm.safetensors").is_file()
+
     # The slot diagnostic: what the composition writes into the keys' slots, and how m_B reads it.
     from calm.experiments.kv_slots import SlotReader, measure
 

@@ -15,12 +15,13 @@ import json
 import math
 import platform
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import PreTrainedModel, PreTrainedTokenizerFast
+from transformers import PreTrainedModel, PreTrainedTokenizerFast, TrainerCallback
 
 import calm
 from calm.experiments.kv_arithmetic import (
@@ -136,16 +137,16 @@ def fully_trainable(anchor_path: Path) -> PreTrainedModel:
 
 
 def train_on_d_c(model: PreTrainedModel, tokenizer, d_c: list[dict], out_dir: Path, spec: CompositionSpec,
-                 lr: float, seed: int) -> dict:
+                 lr: float, seed: int, callbacks: Sequence[TrainerCallback] = ()) -> dict:
     """Train whatever in `model` requires grad on D_C; return time and parameter counts."""
     config = TrainConfig(output_dir=str(out_dir), max_steps=spec.steps, batch_size=spec.batch_size,
                          learning_rate=lr, warmup_steps=0.05, save_steps=0, logging_steps=10, exact_match=False,
                          overwrite=True, seed=seed, cache_augment_states=isinstance(model, calm.CALMForCausalLM),
                          plot=False, tensorboard=False)
     start = time.perf_counter()
-    result = train(model, tokenizer, d_c, config=config)
+    result = train(model, tokenizer, d_c, config=config, callbacks=callbacks)
     model.eval()
-    return {"seconds": time.perf_counter() - start, "steps": result.global_step,
+    return {"seconds": time.perf_counter() - start, "steps": result.global_step, "train_loss": result.train_loss,
             "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad)}
 
 
