@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedTokenizerFast, TrainerCallback, set_seed
 
-from calm.experiments.kv_arithmetic import ExperimentConfig, evaluate_exact_match, load_eval_sets, load_frozen
+from calm.experiments.kv_arithmetic import ExperimentConfig, evaluate_models, load_eval_sets, load_frozen
 from calm.experiments.kv_reproduce import CompositionSpec, compose, train_on_d_c
 from calm.tasks.kv_arithmetic import read_jsonl
 
@@ -36,9 +36,8 @@ class ScoreEvery(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs) -> None:
         if state.global_step % self.every == 0:
-            self.scores.append({"step": state.global_step, **{
-                name: 100 * evaluate_exact_match(self.model, self.tokenizer, examples, desc=name).accuracy
-                for name, examples in self.eval_sets.items()}})
+            scores = evaluate_models({"CALM": self.model}, self.tokenizer, self.eval_sets)["CALM"]
+            self.scores.append({"step": state.global_step, **scores})
 
 
 def draws(run_dir: Path, seeds: Sequence[int], every: int = 500, examples: int = 150,
@@ -58,8 +57,7 @@ def draws(run_dir: Path, seeds: Sequence[int], every: int = 500, examples: int =
         scores = ScoreEvery(model, tokenizer, {n: e[:examples] for n, e in eval_sets.items()}, every)
         run = train_on_d_c(model, tokenizer, d_c, run_dir / "draws" / f"seed{seed}", spec, spec.lr, seed,
                            callbacks=[scores])
-        final = {name: 100 * evaluate_exact_match(model, tokenizer, examples, desc=name).accuracy
-                 for name, examples in eval_sets.items()}
+        final = evaluate_models({"CALM": model}, tokenizer, eval_sets)["CALM"]
         records.append({"seed": seed, "along_the_way": scores.scores, "final": final, "train_loss": run["train_loss"],
                         "seconds": run["seconds"]})
     return records

@@ -138,7 +138,8 @@ def fully_trainable(anchor_path: Path) -> PreTrainedModel:
 
 def train_on_d_c(model: PreTrainedModel, tokenizer, d_c: list[dict], out_dir: Path, spec: CompositionSpec,
                  lr: float, seed: int, callbacks: Sequence[TrainerCallback] = ()) -> dict:
-    """Train whatever in `model` requires grad on D_C; return time and parameter counts."""
+    """Train whatever in `model` requires grad on D_C; return time, steps, mean training loss and the trainable
+    parameter count."""
     config = TrainConfig(output_dir=str(out_dir), max_steps=spec.steps, batch_size=spec.batch_size,
                          learning_rate=lr, warmup_steps=0.05, save_steps=0, logging_steps=10, exact_match=False,
                          overwrite=True, seed=seed, cache_augment_states=isinstance(model, calm.CALMForCausalLM),
