@@ -54,9 +54,10 @@ def test_quick_reproduction_writes_every_output(tmp_path):
     assert all(len(row) == 2 and all(err >= 0 for err in row) for row in probes["key_one_hot_error"])
 
     # Composition seeds: the same seed retrains the same composition, another seed another one.
-    from calm.experiments.kv_draws import draws, markdown
+    from calm.experiments.kv_draws import draws, markdown, run_spec
     from calm.experiments.kv_reproduce import CompositionSpec
 
+    assert run_spec(out) == CompositionSpec.quick()  # the recipe the run was made with, not today's default
     records = draws(out, [0, 1, 0], every=4, examples=3, spec=CompositionSpec.quick())
     assert [[s["step"] for s in r["along_the_way"]] for r in records] == [[4, 8]] * 3
     assert all(set(r["final"]) == {"kv_arithmetic_seen", "kv_arithmetic_unseen"} for r in records)

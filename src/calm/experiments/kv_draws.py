@@ -40,11 +40,19 @@ class ScoreEvery(TrainerCallback):
             self.scores.append({"step": state.global_step, **scores})
 
 
+def run_spec(run_dir: Path) -> CompositionSpec:
+    """The composition recipe the run was made with (the current default for a run still without results)."""
+    results = run_dir / "results.json"
+    if not results.is_file():
+        return CompositionSpec()
+    return CompositionSpec(**json.loads(results.read_text())["settings"]["composition"])
+
+
 def draws(run_dir: Path, seeds: Sequence[int], every: int = 500, examples: int = 150,
           spec: CompositionSpec | None = None) -> list[dict]:
-    """Train the run's CALM recipe once per composition seed; per seed, the scores along the way and at the end
-    (on the whole evaluation sets). The trained compositions go to `run_dir/draws/seed<N>`."""
-    spec = spec or CompositionSpec()
+    """Train the run's CALM recipe (or `spec`) once per composition seed; per seed, the scores along the way and
+    at the end (on the whole evaluation sets). The trained compositions go to `run_dir/draws/seed<N>`."""
+    spec = spec or run_spec(run_dir)
     cfg = ExperimentConfig.load(run_dir)
     tokenizer = PreTrainedTokenizerFast.from_pretrained(run_dir / "tokenizer")
     d_c = read_jsonl(run_dir / "data" / "composition_train.jsonl")
@@ -85,7 +93,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    spec = CompositionSpec()
+    spec = run_spec(args.run_dir)
     if args.steps:
         spec = replace(spec, steps=args.steps)
     records = draws(args.run_dir, args.seeds, args.every, args.examples, spec)
