@@ -50,6 +50,7 @@ from calm.tasks.kv_arithmetic import (
     numeric_table,
     numeric_vocabulary,
     read_jsonl,
+    trie_pattern,
     write_jsonl,
 )
 
@@ -271,6 +272,18 @@ def test_key_tokens_make_each_key_one_token_and_spell_other_words(data, tmp_path
     assert loaded(keys[3] + "*" + word)["input_ids"] == tokenizer(keys[3] + "*" + word)["input_ids"]
     spelled = build_tokenizer(replace(CFG, key_tokens=False, pad_keys=False), keys=keys)
     assert len(spelled(keys[0])["input_ids"]) == len(keys[0]) + 1
+
+
+def test_trie_pattern_matches_its_words_and_nothing_else():
+    words = ["ab", "abc", "abd", "b", "bca", "xyz", "xy"]
+    pattern = re.compile(trie_pattern(words))
+    near = {w[:i] + extra for w in words for i in range(len(w) + 1) for extra in ("", "a", "c", "zz")}
+    assert {s for s in near if pattern.fullmatch(s)} == set(words)
+    # In the tokenizer, a key that prefixes another key is still a token of its own, and the longer key too.
+    tokenizer = build_tokenizer(CFG, keys=words)
+    assert tokenizer.convert_ids_to_tokens(tokenizer("ab+abc-abd*xy=")["input_ids"])[1:] == [
+        "ab", "+", "abc", "-", "abd", "*", "xy", "="]
+    assert tokenizer.convert_ids_to_tokens(tokenizer("abca")["input_ids"])[1:] == list("abca")
 
 
 def test_collate_labels_only_the_completion_and_eos(tokenizer):

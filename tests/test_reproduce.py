@@ -54,7 +54,7 @@ def test_quick_reproduction_writes_every_output(tmp_path):
     assert all(len(row) == 2 and all(err >= 0 for err in row) for row in probes["key_one_hot_error"])
 
     # Composition seeds: the same seed retrains the same composition, another seed another one.
-    from calm.experiments.kv_draws import draws, markdown, run_spec
+    from calm.experiments.kv_draws import draws, markdown, run_spec, with_changes
     from calm.experiments.kv_reproduce import CompositionSpec
 
     assert run_spec(out) == CompositionSpec.quick()  # the recipe the run was made with, not today's default
@@ -63,6 +63,8 @@ def test_quick_reproduction_writes_every_output(tmp_path):
     assert all(set(r["final"]) == {"kv_arithmetic_seen", "kv_arithmetic_unseen"} for r in records)
     assert records[0]["train_loss"] == records[2]["train_loss"] != records[1]["train_loss"]
     assert markdown(records).count("\n| 0 |") == 2 and (out / "draws" / "seed1" / "calm.safetensors").is_file()
+    decayed = draws(out, [0], every=8, examples=3, spec=with_changes(CompositionSpec.quick(), ["weight_decay=1.0"]))
+    assert decayed[0]["train_loss"] != records[0]["train_loss"]  # the spec's weight decay reaches the optimizer
 
     # The slot diagnostic: what the composition writes into the keys' slots, and how m_B reads it.
     from calm.experiments.kv_slots import SlotReader, measure
@@ -114,6 +116,17 @@ def test_slot_digits_are_each_keys_value_in_fixed_width():
 
     assert slot_digits({"ab": 7, "cde": 420}, "ab__+cde__=", 3) == [0, 0, 7, 4, 2, 0]
     assert slot_digits({"ab": 7, "cde": 42}, "ab_-cde_*ab_=", 2) == [0, 7, 4, 2, 0, 7]
+
+
+def test_draws_spec_changes_are_checked_json():
+    from calm.experiments.kv_draws import with_changes
+    from calm.experiments.kv_reproduce import CompositionSpec
+
+    changed = with_changes(CompositionSpec(), ["weight_decay=0.5", "connections=[[0, 1]]", "rope_theta=null"])
+    assert (changed.weight_decay, changed.connections, changed.rope_theta) == (0.5, [[0, 1]], None)
+    for bad, message in (("heads=4", "FIELD one of"), ("num_heads", "FIELD one of"), ("lr=1e", "not JSON")):
+        with pytest.raises(SystemExit, match=message):
+            with_changes(CompositionSpec(), [bad])
 
 
 def test_summarize_names_a_run_without_results(tmp_path, capsys):

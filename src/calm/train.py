@@ -38,6 +38,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
+from torch.distributed.tensor import DTensor
 from transformers import (
     PretrainedConfig,
     PreTrainedTokenizerBase,
@@ -356,11 +357,28 @@ class CompositionTrainer(Trainer):
         self._staging_dir: Path | None = None
         self._throughput_mark: tuple[float, int, int] | None = None
         self.tokens_at_start = 0  # tokens seen before this call's first step (non-zero after a resume)
+        self._per_model: tuple[nn.Module, CALMForCausalLM | None, int] | None = None
+
+    def _model_facts(self) -> tuple[CALMForCausalLM | None, int]:
+        """The unwrapped CALM model (None for another model) and the non-embedding parameter count, worked out
+        once per model: unwrapping and counting each walk every module, and the Trainer did both every step (~5%
+        of a LoRA step on m_B)."""
+        if self._per_model is None or self._per_model[0] is not self.model:
+            unwrapped = self.accelerator.unwrap_model(self.model)
+            calm = unwrapped if isinstance(unwrapped, CALMForCausalLM) else None
+            counts = hasattr(self.model, "num_parameters")
+            count = self.model.num_parameters(exclude_embeddings=True) if counts else 0
+            self._per_model = (self.model, calm, count)
+        return self._per_model[1:]
 
     @property
     def calm_model(self) -> CALMForCausalLM | None:
-        model = self.accelerator.unwrap_model(self.model)
-        return model if isinstance(model, CALMForCausalLM) else None
+        return self._model_facts()[0]
+
+    def floating_point_ops(self, inputs: dict[str, Any]) -> int:
+        """The Trainer's estimate, 6 x input tokens x non-embedding parameters, with the count cached."""
+        main_input = getattr(self.model, "main_input_name", "input_ids")
+        return 6 * inputs[main_input].numel() * self._model_facts()[1] if main_input in inputs else 0
 
     # ---- forward
 
@@ -425,8 +443,12 @@ class CompositionTrainer(Trainer):
 
     def _all_finite(self, tensors: Any) -> bool:
         """Whether every tensor is finite on every process (shards differ under FSDP: all must decide alike)."""
-        flags = [torch.isfinite(t).all() for t in tensors]
-        bad = (~torch.stack(flags).all()).float() if flags else torch.zeros(())
+        # Each process checks its own shard. A tensor's min or max is NaN or inf exactly when one of its values
+        # is, and on CPU `aminmax` is ~5x faster than `isfinite(t).all()` (which took ~10% of a small model's
+        # fine-tuning step).
+        local = [t.to_local() if isinstance(t, DTensor) else t for t in tensors]
+        extremes = [torch.stack(torch.aminmax(t)).float() for t in local if t.numel()]
+        bad = (~torch.isfinite(torch.stack(extremes)).all()).float() if extremes else torch.zeros(())
         if self.args.world_size > 1:
             bad = self.accelerator.reduce(bad.to(self.args.device), reduction="sum")
         return not bool(bad > 0)

@@ -284,12 +284,16 @@ def digit_mixup_loss(model: PreTrainedModel, examples: Sequence[Example], tokeni
     batch = collate(examples, tokenizer)
     alt_examples, alt_ids = list(examples), batch["input_ids"].clone()
     weight = torch.ones(len(examples))
+    changed_at = {}  # example -> the index of its changed prompt character
     for b, example in enumerate(examples):
         if rng.random() < share:
-            i, alt_examples[b] = change_one_digit(example, rng, numbers)
-            position = len(tokenizer(example["prompt"][:i])["input_ids"])  # BOS + the tokens before the digit
-            alt_ids[b, position] = tokenizer.convert_tokens_to_ids(alt_examples[b]["prompt"][i])
+            changed_at[b], alt_examples[b] = change_one_digit(example, rng, numbers)
             weight[b] = rng.random()
+    if changed_at:  # one tokenizer call for the batch, not one per example
+        prefixes = tokenizer([examples[b]["prompt"][:i] for b, i in changed_at.items()])["input_ids"]
+        digits = tokenizer.convert_tokens_to_ids([alt_examples[b]["prompt"][i] for b, i in changed_at.items()])
+        for b, prefix, digit in zip(changed_at, prefixes, digits, strict=True):
+            alt_ids[b, len(prefix)] = digit  # BOS + the tokens before the digit
     alt_labels = collate(alt_examples, tokenizer)["labels"]
     if alt_labels.shape != batch["labels"].shape:
         raise ValueError("digit mixup needs results of one width (KVConfig.fixed_width_numbers=True)")

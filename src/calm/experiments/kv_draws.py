@@ -6,7 +6,7 @@ expressions over D_C's keys and over the other keys, so each draw's escape from 
 ends. The reproduction's own CALM is one more draw: its seed is drawn after the base models', so it matches none
 of these.
 
-    python -m calm.experiments.kv_draws RUN_DIR [--seeds 0 1 2] [--every 500] [--threads N]
+    python -m calm.experiments.kv_draws RUN_DIR [--seeds 0 1 2] [--every 500] [--spec FIELD=JSON ...] [--threads N]
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 
 import torch
@@ -46,6 +46,21 @@ def run_spec(run_dir: Path) -> CompositionSpec:
     if not results.is_file():
         return CompositionSpec()
     return CompositionSpec(**json.loads(results.read_text())["settings"]["composition"])
+
+
+def with_changes(spec: CompositionSpec, changes: Sequence[str]) -> CompositionSpec:
+    """`spec` with each `FIELD=JSON` in `changes` applied (`num_heads=32`, `connections=[[-1,-1]]`)."""
+    known = {f.name for f in fields(CompositionSpec)}
+    values = {}
+    for change in changes:
+        name, sep, text = change.partition("=")
+        if not sep or name not in known:
+            raise SystemExit(f"--spec {change!r}: expected FIELD=JSON with FIELD one of {sorted(known)}")
+        try:
+            values[name] = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise SystemExit(f"--spec {change!r}: the value is not JSON ({e.msg})") from None
+    return replace(spec, **values)
 
 
 def draws(run_dir: Path, seeds: Sequence[int], every: int = 500, examples: int = 150,
@@ -88,16 +103,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="composition seeds")
     parser.add_argument("--every", type=int, default=500, help="score every N optimizer steps")
     parser.add_argument("--examples", type=int, default=150, help="expressions per split scored along the way")
-    parser.add_argument("--steps", type=int, default=0, help="optimizer steps (0: the reproduction's)")
+    parser.add_argument("--spec", nargs="+", default=[], metavar="FIELD=JSON",
+                        help="change the run's CompositionSpec, e.g. steps=1000 weight_decay=1.0")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    spec = run_spec(args.run_dir)
-    if args.steps:
-        spec = replace(spec, steps=args.steps)
+    spec = with_changes(run_spec(args.run_dir), args.spec)
     records = draws(args.run_dir, args.seeds, args.every, args.examples, spec)
-    (args.run_dir / "draws" / "draws.json").write_text(json.dumps(records, indent=2))
+    (args.run_dir / "draws" / "draws.json").write_text(json.dumps({"spec": asdict(spec), "draws": records}, indent=2))
     print(markdown(records))
 
 

@@ -85,6 +85,7 @@ class CompositionSpec:
     # ~98%, and 3e-3 reached 7% where 1e-3 reached 94% in a three-digit one (D_C's keys).
     lr: float = 1e-3
     full_finetune_lr: float = 1e-4  # every weight of m_B moves: a smaller step
+    weight_decay: float = 0.0  # AdamW's, on every model trained on D_C (`kv_draws --weight-decay` tries others)
 
     @classmethod
     def quick(cls) -> CompositionSpec:
@@ -143,7 +144,8 @@ def train_on_d_c(model: PreTrainedModel, tokenizer, d_c: list[dict], out_dir: Pa
     """Train whatever in `model` requires grad on D_C; return time, steps, mean training loss and the trainable
     parameter count."""
     config = TrainConfig(output_dir=str(out_dir), max_steps=spec.steps, batch_size=spec.batch_size,
-                         learning_rate=lr, warmup_steps=0.05, save_steps=0, logging_steps=10, exact_match=False,
+                         learning_rate=lr, weight_decay=spec.weight_decay, warmup_steps=0.05, save_steps=0,
+                         logging_steps=10, exact_match=False,
                          overwrite=True, seed=seed, cache_augment_states=isinstance(model, calm.CALMForCausalLM),
                          plot=False, tensorboard=False)
     start = time.perf_counter()
