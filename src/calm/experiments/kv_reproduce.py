@@ -85,7 +85,7 @@ class CompositionSpec:
     # ~98%, and 3e-3 reached 7% where 1e-3 reached 94% in a three-digit one (D_C's keys).
     lr: float = 1e-3
     full_finetune_lr: float = 1e-4  # every weight of m_B moves: a smaller step
-    weight_decay: float = 0.0  # AdamW's, on every model trained on D_C (`kv_draws --weight-decay` tries others)
+    weight_decay: float = 0.0  # AdamW's, on every model trained on D_C (`kv_draws --spec weight_decay=W` tries others)
 
     @classmethod
     def quick(cls) -> CompositionSpec:
