@@ -46,12 +46,13 @@ def test_quick_reproduction_writes_every_output(tmp_path):
 
     probes = probe(out)
     layers = json.loads((out / "models" / "m_a" / "config.json").read_text())["num_hidden_layers"]
-    assert set(probes) == {"key", "end", "key_one_hot_error"}
+    assert set(probes) == {"key", "end", "key_one_hot_error", "key_nearest_digits"}
     assert all(len(rows) == layers + 1 for rows in probes.values())
     digits = len(str(json.loads((out / "config.json").read_text())["task"]["value_max"]))
     accuracies = [row for position in ("key", "end") for row in probes[position]]
     assert all(len(row) == digits and all(0 <= acc <= 100 for acc in row) for row in accuracies)
     assert all(len(row) == 2 and all(err >= 0 for err in row) for row in probes["key_one_hot_error"])
+    assert all(len(row) == 2 and all(0 <= share <= 100 for share in row) for row in probes["key_nearest_digits"])
 
     # Composition seeds: the same seed retrains the same composition, another seed another one.
     from calm.experiments.kv_draws import draws, markdown, run_spec, with_changes
@@ -151,7 +152,7 @@ def test_default_run_is_the_main_table_and_baselines(tmp_path):
 def test_one_hot_errors_tell_an_exact_linear_code_from_noise():
     import torch
 
-    from calm.experiments.kv_probe import one_hot_errors, one_hots
+    from calm.experiments.kv_probe import nearest_digits_right, one_hot_errors, one_hots
 
     generator = torch.Generator().manual_seed(0)
     values = torch.randint(0, 1000, (300,), generator=generator)
@@ -160,6 +161,10 @@ def test_one_hot_errors_tell_an_exact_linear_code_from_noise():
     assert max(one_hot_errors(exact[:100], y[:100], exact[100:], y[100:])) < 1e-3
     noise = torch.randn(300, 40, generator=generator, dtype=torch.float64)
     assert one_hot_errors(noise[:100], y[:100], noise[100:], y[100:])[1] > 1.0
+    assert nearest_digits_right(exact[:100], y[:100], exact[100:], y[100:]) == (1.0, 1.0)
+    # Noise: the fit reads some of its 100 examples, few other ones (chance: 1 in 1000 per value).
+    fitted, other = nearest_digits_right(noise[:100], y[:100], noise[100:], y[100:])
+    assert fitted > 0.1 and other < 0.02
 
 
 def test_extend_starts_the_shared_connections_from_the_trained_weights(tmp_path):

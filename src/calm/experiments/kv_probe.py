@@ -5,7 +5,8 @@ a form shared by all keys: then a map learned on the 20% of keys in D_C carries 
 fits a linear classifier per layer and per digit of the value on m_A's states over the seen keys and scores it
 on the unseen ones, at the first key's token and at the prompt's last token. A probe only has to rank the right
 digit first; the composition has to write it. So the script also measures how far the best linear map from the
-key's states is from the exact one-hot digits, on seen and unseen keys.
+key's states is from the exact one-hot digits, on seen and unseen keys, and how often that map's largest output
+is the right digit at every place of a key.
 
     python -m calm.experiments.kv_probe RUN_DIR      (a directory written by `calm reproduce kv-arithmetic`)
 """
@@ -56,20 +57,38 @@ def probe_accuracy(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.T
         return (((test_x - mean) / std) @ weight + bias).argmax(-1).eq(test_y).float().mean().item()
 
 
+def ridge_map(train_x: torch.Tensor, train_y: torch.Tensor, ridge: float = 1e-3):
+    """The ridge regression from states to targets fitted on (train_x, train_y), as a function of states (in
+    float64)."""
+    train_x, train_y = train_x.double(), train_y.double()
+    mean, target_mean = train_x.mean(0), train_y.mean(0)
+    x = train_x - mean
+    weight = torch.linalg.solve(x.T @ x + ridge * torch.eye(x.shape[1], dtype=x.dtype), x.T @ (train_y - target_mean))
+    return lambda states: (states.double() - mean) @ weight + target_mean
+
+
 def one_hot_errors(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
                    ridge: float = 1e-3) -> tuple[float, float]:
     """Mean squared error per example of a ridge regression from states to `*_y` (one-hot digits), on the
     fitted examples and on the test ones. A value stored as one vector per digit and place would give ~0: this
     is how far a linear map, such as the composition's values, is from writing the exact digits."""
-    train_x, train_y, test_x, test_y = (t.double() for t in (train_x, train_y, test_x, test_y))
-    mean, target_mean = train_x.mean(0), train_y.mean(0)
-    x = train_x - mean
-    weight = torch.linalg.solve(x.T @ x + ridge * torch.eye(x.shape[1]), x.T @ (train_y - target_mean))
+    fitted = ridge_map(train_x, train_y, ridge)
+    errors = [fitted(x).sub(y.double()).pow(2).sum(-1).mean().item() for x, y in ((train_x, train_y), (test_x, test_y))]
+    return errors[0], errors[1]
 
-    def error(states: torch.Tensor, y: torch.Tensor) -> float:
-        return ((states - mean) @ weight + target_mean - y).pow(2).sum(-1).mean().item()
 
-    return error(train_x, train_y), error(test_x, test_y)
+def nearest_digits_right(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
+                         ridge: float = 1e-3) -> tuple[float, float]:
+    """Share of examples, fitted and test, whose every digit the ridge map of `one_hot_errors` gets right when each
+    place's ten outputs are read by their largest. A map that writes digits is read like this by m_B at best."""
+    fitted = ridge_map(train_x, train_y, ridge)
+
+    def share(x: torch.Tensor, y: torch.Tensor) -> float:
+        places = y.shape[-1] // 10
+        right = fitted(x).view(-1, places, 10).argmax(-1) == y.view(-1, places, 10).argmax(-1)
+        return right.all(-1).double().mean().item()
+
+    return share(train_x, train_y), share(test_x, test_y)
 
 
 def one_hots(values: torch.Tensor, places: list[int]) -> torch.Tensor:
@@ -79,8 +98,8 @@ def one_hots(values: torch.Tensor, places: list[int]) -> torch.Tensor:
 
 def probe(run_dir: Path, seed: int = 0) -> dict[str, list[list[float]]]:
     """Per position ("key", "end") and layer: probe accuracy (%) on unseen keys for each digit of the value,
-    most significant first; and under "key_one_hot_error", per layer, `one_hot_errors` at the key's token on
-    seen and unseen keys."""
+    most significant first; under "key_one_hot_error", per layer, `one_hot_errors` at the key's token on seen
+    and unseen keys, and under "key_nearest_digits" `nearest_digits_right` there (%)."""
     tokenizer = PreTrainedTokenizerFast.from_pretrained(run_dir / "tokenizer")
     task = ExperimentConfig.load(run_dir).task
     data = make_kv_data(task)
@@ -107,11 +126,10 @@ def probe(run_dir: Path, seed: int = 0) -> dict[str, list[list[float]]]:
             for layer in range(train_x.shape[1])
         ]
         if position == "key":
-            result["key_one_hot_error"] = [
-                list(one_hot_errors(train_x[:, layer], one_hots(train_values, places), test_x[:, layer],
-                                    one_hots(test_values, places)))
-                for layer in range(train_x.shape[1])
-            ]
+            fits = [(train_x[:, layer], one_hots(train_values, places), test_x[:, layer], one_hots(test_values, places))
+                    for layer in range(train_x.shape[1])]
+            result["key_one_hot_error"] = [list(one_hot_errors(*fit)) for fit in fits]
+            result["key_nearest_digits"] = [[100 * share for share in nearest_digits_right(*fit)] for fit in fits]
     return result
 
 
@@ -129,11 +147,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         for layer, accs in enumerate(result[position]):
             print(f"| {position} | {layer} | " + " | ".join(f"{a:.0f}" for a in accs) + " |")
     print("\ndigit 1 is the most significant; chance: 10% per digit; layer 0 is the embedding output")
-    print("\n| layer | one-hot error, D_C's keys | one-hot error, other keys |\n|---:|---:|---:|")
-    for layer, (seen, unseen) in enumerate(result["key_one_hot_error"]):
-        print(f"| {layer} | {seen:.2f} | {unseen:.2f} |")
-    print(f"\nsquared error per key of a ridge map from the key token's states to its {width} digits' one-hots, "
-          "fitted on D_C's keys (an exact linear code: ~0)")
+    print("\n| layer | one-hot error, D_C's keys | other keys | all digits nearest, D_C's keys (%) | other keys (%) |"
+          "\n|---:|---:|---:|---:|---:|")
+    for layer, ((seen, unseen), (seen_right, unseen_right)) in enumerate(
+            zip(result["key_one_hot_error"], result["key_nearest_digits"], strict=True)):
+        print(f"| {layer} | {seen:.2f} | {unseen:.2f} | {seen_right:.1f} | {unseen_right:.1f} |")
+    print(f"\na ridge map from the key token's states to its {width} digits' one-hots, fitted on D_C's keys: its "
+          "squared error per key (an exact linear code: ~0), and the share of keys whose every digit is its largest "
+          "output")
 
 
 if __name__ == "__main__":
