@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import argparse
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -57,7 +57,8 @@ def probe_accuracy(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.T
         return (((test_x - mean) / std) @ weight + bias).argmax(-1).eq(test_y).float().mean().item()
 
 
-def ridge_map(train_x: torch.Tensor, train_y: torch.Tensor, ridge: float = 1e-3):
+def ridge_map(train_x: torch.Tensor, train_y: torch.Tensor, ridge: float = 1e-3
+              ) -> Callable[[torch.Tensor], torch.Tensor]:
     """The ridge regression from states to targets fitted on (train_x, train_y), as a function of states (in
     float64)."""
     train_x, train_y = train_x.double(), train_y.double()
@@ -73,8 +74,11 @@ def one_hot_errors(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.T
     fitted examples and on the test ones. A value stored as one vector per digit and place would give ~0: this
     is how far a linear map, such as the composition's values, is from writing the exact digits."""
     fitted = ridge_map(train_x, train_y, ridge)
-    errors = [fitted(x).sub(y.double()).pow(2).sum(-1).mean().item() for x, y in ((train_x, train_y), (test_x, test_y))]
-    return errors[0], errors[1]
+
+    def error(x: torch.Tensor, y: torch.Tensor) -> float:
+        return fitted(x).sub(y.double()).pow(2).sum(-1).mean().item()
+
+    return error(train_x, train_y), error(test_x, test_y)
 
 
 def nearest_digits_right(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
