@@ -85,6 +85,12 @@ def test_augment_dropout_flag_reaches_the_saved_config_and_bad_values_are_one_li
     assert capsys.readouterr().err.splitlines()[-1].startswith("calm: error: augment_dropout=1.5 is invalid")
 
 
+def test_no_augment_norm_flag_reaches_the_saved_config(assets, tmp_path):
+    assert main(["compose", "--anchor", str(assets["anchor"]), "--augment", str(assets["augment"]),
+                 "--num-connections", "1", "--no-augment-norm", "--save", str(tmp_path)]) == 0
+    assert json.loads((tmp_path / "calm_config.json").read_text())["augment_norm"] is False
+
+
 def test_compose_prints_connections_and_parameter_count(assets, capsys):
     assert main(["compose", "--anchor", str(assets["anchor"]), "--augment", str(assets["augment"]),
                  "--connections", "0:0,1:1"]) == 0

@@ -34,14 +34,17 @@ def left_padded(batch: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
 
 @torch.no_grad()
 def greedy_without_cache(model, ids, mask, steps, mode):
-    """The reference: every step recomputes the full forward pass over the whole sequence, no cache."""
+    """The reference: every step recomputes the full forward pass over the whole sequence, no cache. EOS is
+    never picked, as `generate(min_new_tokens=steps)` rules it out."""
     prompt_length = ids.shape[1]
     all_logits = []
     for _ in range(steps):
         logits = model(input_ids=ids, attention_mask=mask, augment_mode=mode, augment_length=prompt_length,
                        use_cache=False).logits[:, -1]
         all_logits.append(logits)
-        ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
+        allowed = logits.clone()
+        allowed[:, model.config.eos_token_id] = float("-inf")
+        ids = torch.cat([ids, allowed.argmax(-1, keepdim=True)], dim=1)
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
     return ids, torch.stack(all_logits, 1)
 

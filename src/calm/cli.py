@@ -61,6 +61,8 @@ def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
                             "paper's code)")
     group.add_argument("--augment-dropout", type=float, default=0.0,
                        help="dropout on the augments' states before f_proj, in training only (default: 0)")
+    group.add_argument("--augment-norm", action=argparse.BooleanOptionalAction, default=True,
+                       help="RMS-normalise the augments' states before f_proj")
     group.add_argument("--init", default="identity", choices=["identity", "paper"], help="composition init")
     group.add_argument("--augment-mode", default="iterative", choices=["iterative", "prompt"],
                        help="augments read every token (iterative, the paper's default) or only the prompt")
@@ -132,7 +134,7 @@ def compose_from_args(args: argparse.Namespace):
     return calm.compose(anchor, augments, connections=args.connections, num_connections=args.num_connections,
                         every=args.every, num_heads=args.num_heads, qk_norm=args.qk_norm, init=args.init,
                         augment_mode=args.augment_mode, rope_theta=args.rope_theta,
-                        augment_dropout=args.augment_dropout)
+                        augment_dropout=args.augment_dropout, augment_norm=args.augment_norm)
 
 
 def load_composition(args: argparse.Namespace):
@@ -387,11 +389,14 @@ def apply_config_file(parser: argparse.ArgumentParser, argv: Sequence[str]) -> a
 
 def _from_run_record(record: dict) -> dict:
     """The options of a run's own `train_config.json` (TrainConfig values under `train`, the models under
-    `model`, the data files under `data`) as flat `calm train` options."""
-    from .config import OPTIONS
+    `model`, the data files under `data`) as flat `calm train` options. A recorded composition that lacks an
+    option predates it and is rebuilt with the value it was made with."""
+    from .config import LATER_OPTIONS, OPTIONS
 
     values = dict(record["train"])
     model = record.get("model") if isinstance(record.get("model"), dict) else {}
+    if "connections" in model:
+        model = LATER_OPTIONS | model
     for key in ("anchor", "augments", "tokenizer", "dtype", "connections", *OPTIONS):
         if key in model:
             values.setdefault("augment" if key == "augments" else key, model[key])

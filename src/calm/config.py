@@ -11,7 +11,10 @@ INITS = ("identity", "paper")
 AUGMENT_MODES = ("iterative", "prompt")
 # The options of a composition besides its connections and base models: what a saved composition, a training
 # run's record and `calm train --resume` each carry over. A new `CALMConfig` option goes here, or is lost.
-OPTIONS = ("num_heads", "qk_norm", "init", "augment_mode", "rope_theta", "augment_dropout")
+OPTIONS = ("num_heads", "qk_norm", "init", "augment_mode", "rope_theta", "augment_dropout", "augment_norm")
+# Options added after the first saved compositions and run records, with the value those were made with: a file
+# that lacks one was made before it existed, and must be rebuilt as it was, not with today's default.
+LATER_OPTIONS = {"rope_theta": None, "augment_dropout": 0.0, "augment_norm": False}
 
 
 def evenly_spaced(num_layers: int, count: int) -> list[int]:
@@ -119,6 +122,7 @@ class CALMConfig(PretrainedConfig):
         augment_mode: str = "iterative",
         rope_theta: float | None = 10000.0,
         augment_dropout: float = 0.0,
+        augment_norm: bool = True,
         anchor: dict | None = None,
         augments: list[dict] | None = None,
         **kwargs: Any,
@@ -132,6 +136,7 @@ class CALMConfig(PretrainedConfig):
         self.augment_mode = augment_mode
         self.rope_theta = rope_theta
         self.augment_dropout = augment_dropout
+        self.augment_norm = augment_norm
         self.anchor = dict(anchor or {})
         self.augments = [dict(a) for a in (augments or [])]
         kwargs.setdefault("vocab_size", self.anchor.get("vocab_size"))
@@ -145,8 +150,9 @@ class CALMConfig(PretrainedConfig):
             raise ValueError(f"init={self.init!r} is invalid: expected one of {INITS}")
         if self.augment_mode not in AUGMENT_MODES:
             raise ValueError(f"augment_mode={self.augment_mode!r} is invalid: expected one of {AUGMENT_MODES}")
-        if not isinstance(self.qk_norm, bool):
-            raise ValueError(f"qk_norm={self.qk_norm!r} is invalid: expected True or False")
+        for name in ("qk_norm", "augment_norm"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}={getattr(self, name)!r} is invalid: expected True or False")
         if isinstance(self.num_heads, bool) or not isinstance(self.num_heads, int) or self.num_heads < 1:
             raise ValueError(f"num_heads={self.num_heads!r} is invalid: expected a positive integer")
         theta = self.rope_theta

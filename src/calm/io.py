@@ -20,7 +20,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from .blocks import base_info
-from .config import OPTIONS, CALMConfig
+from .config import LATER_OPTIONS, OPTIONS, CALMConfig
 
 if TYPE_CHECKING:
     from .model import CALMForCausalLM
@@ -31,8 +31,6 @@ FORMAT = "calm/1"
 _RECORD_FIELDS = {"name_or_path": str, "num_layers": int, "width": int, "vocab_size": int}
 _CONFIG_FIELDS = {"connections": list, "num_heads": int, "qk_norm": bool, "init": str, "augment_mode": str,
                   "anchor": dict, "augments": list}
-# Options added after the format's first files, with what files written before them were trained with.
-_LATER_OPTIONS = {"rope_theta": None, "augment_dropout": 0.0}
 _CHECKSUM_FIELD = "weights_sha256"  # sha256 of calm.safetensors: catches corruption and a config/weights mix-up
 
 
@@ -110,7 +108,7 @@ def load_config(directory: str | os.PathLike) -> CALMConfig:
         _check_record(path, who, record)
     if len(raw["augments"]) != len(raw["connections"]):
         raise ValueError(f"{path}: {len(raw['augments'])} augments but {len(raw['connections'])} connection lists")
-    kwargs = {k: raw[k] for k in _CONFIG_FIELDS} | {k: raw.get(k, v) for k, v in _LATER_OPTIONS.items()}
+    kwargs = {k: raw[k] for k in _CONFIG_FIELDS} | {k: raw.get(k, v) for k, v in LATER_OPTIONS.items()}
     try:
         config = CALMConfig(**kwargs, vocab_size=raw["anchor"]["vocab_size"])
     except ValueError as e:  # options and connections, checked against the recorded base models

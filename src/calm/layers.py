@@ -15,7 +15,8 @@ class CrossAttention(nn.Module):
     """
 
     def __init__(self, augment_width: int, anchor_width: int, num_heads: int, qk_norm: bool = True,
-                 init: str = "identity", rope_theta: float | None = None, augment_dropout: float = 0.0) -> None:
+                 init: str = "identity", rope_theta: float | None = None, augment_dropout: float = 0.0,
+                 augment_norm: bool = True) -> None:
         super().__init__()
         if anchor_width % num_heads:
             raise ValueError(
@@ -27,6 +28,10 @@ class CrossAttention(nn.Module):
             raise ValueError(f"rotary cross-attention needs an even head size, got {self.head_dim} "
                              f"(anchor width {anchor_width} / num_heads {num_heads})")
         self.rope_theta = rope_theta
+        # f_proj's input at unit RMS whatever the augment's scale: a small model trained with weight decay can
+        # keep its states ~100x smaller than that, and f_proj, initialised for unit inputs, then learns slowly.
+        # No weights of its own: a per-dimension gain would fold into f_proj.
+        self.augment_norm = nn.RMSNorm(augment_width, elementwise_affine=False) if augment_norm else nn.Identity()
         # Dropout on the augment's states in training, as LoRA drops its input: f_proj must then read a fact
         # from many of the augment's directions at once, which can carry over better to facts the composition
         # data never showed.
@@ -67,7 +72,8 @@ class CrossAttention(nn.Module):
                     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Project augment hidden states (B, S, D_A) at `positions` (B or 1, S) to per-head keys and values
         (B, H, S, head_dim). Keys are stored already rotated, so a cache never needs their positions."""
-        x = self.key_norm(self.proj(self.augment_dropout(augment_states.to(self.proj.weight.dtype))))
+        x = self.augment_norm(augment_states.to(self.proj.weight.dtype))
+        x = self.key_norm(self.proj(self.augment_dropout(x)))
         return self._rotate(self._heads(self.k(x)), positions), self._heads(self.v(x))
 
     def _query(self, anchor_states: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:

@@ -69,7 +69,7 @@ class CALMForCausalLM(PreTrainedModel, GenerationMixin):
         self.composition = nn.ModuleList(
             nn.ModuleList(
                 CrossAttention(base_info(augment).width, anchor_info.width, config.num_heads, config.qk_norm,
-                               config.init, config.rope_theta, config.augment_dropout)
+                               config.init, config.rope_theta, config.augment_dropout, config.augment_norm)
                 for _ in conns
             )
             for augment, conns in zip(augments, config.connections)
@@ -358,6 +358,7 @@ def compose(
     augment_mode: str = "iterative",
     rope_theta: float | None = 10000.0,
     augment_dropout: float = 0.0,
+    augment_norm: bool = True,
 ) -> CALMForCausalLM:
     """Compose a frozen anchor with one or more frozen augmenting causal LMs.
 
@@ -394,6 +395,7 @@ def compose(
     config = CALMConfig(
         connections=[[list(p) for p in r] for r in resolved], num_heads=heads, qk_norm=qk_norm, init=init,
         augment_mode=augment_mode, rope_theta=rope_theta, augment_dropout=augment_dropout,
+        augment_norm=augment_norm,
         anchor=_record(anchor_info, anchor),
         augments=[_record(info, a) for info, a in zip(infos, augments)],
         pad_token_id=anchor.config.pad_token_id, eos_token_id=anchor.config.eos_token_id,

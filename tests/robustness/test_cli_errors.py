@@ -200,10 +200,11 @@ def test_a_runs_record_carries_every_composition_option(assets, tmp_path):
     from calm.config import OPTIONS
 
     chosen = {"num_heads": 2, "qk_norm": False, "init": "paper", "augment_mode": "prompt", "rope_theta": None,
-              "augment_dropout": 0.25}
+              "augment_dropout": 0.25, "augment_norm": False}
     assert set(chosen) == set(OPTIONS)
     argv = fill(["train", *TRAIN, "--num-connections", "1", "--num-heads", "2", "--no-qk-norm", "--init", "paper",
-                 "--augment-mode", "prompt", "--rope-theta", "none", "--augment-dropout", "0.25"], assets, tmp_path)
+                 "--augment-mode", "prompt", "--rope-theta", "none", "--augment-dropout", "0.25", "--no-augment-norm"],
+                assets, tmp_path)
     assert main(argv) == 0
     again = apply_config_file(build_parser(), ["train", "--config", str(tmp_path / "run" / "train_config.json")])
     assert {key: getattr(again, key) for key in OPTIONS} == chosen
