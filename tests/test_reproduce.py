@@ -6,6 +6,7 @@ import json
 import shutil
 import subprocess
 import sys
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
@@ -128,6 +129,16 @@ def test_draws_spec_changes_are_checked_json():
     for bad, message in (("heads=4", "FIELD one of"), ("num_heads", "FIELD one of"), ("lr=1e", "not JSON")):
         with pytest.raises(SystemExit, match=message):
             with_changes(CompositionSpec(), [bad])
+
+
+def test_draws_rebuild_a_run_from_before_augment_norm_without_it(tmp_path):
+    from calm.experiments.kv_draws import run_spec
+    from calm.experiments.kv_reproduce import CompositionSpec
+
+    composition = asdict(CompositionSpec())
+    del composition["augment_norm"]
+    (tmp_path / "results.json").write_text(json.dumps({"settings": {"composition": composition}}))
+    assert run_spec(tmp_path) == replace(CompositionSpec(), augment_norm=False)
 
 
 def test_summarize_names_a_run_without_results(tmp_path, capsys):

@@ -29,7 +29,7 @@ class CrossAttention(nn.Module):
                              f"(anchor width {anchor_width} / num_heads {num_heads})")
         self.rope_theta = rope_theta
         # f_proj's input at unit RMS whatever the augment's scale: a small model trained with weight decay can
-        # keep its states ~100x smaller than that, and f_proj, initialised for unit inputs, then learns slowly.
+        # keep its states 50-100x smaller than that, and f_proj, initialised for unit inputs, then learns slowly.
         # No weights of its own: a per-dimension gain would fold into f_proj.
         self.augment_norm = nn.RMSNorm(augment_width, elementwise_affine=False) if augment_norm else nn.Identity()
         # Dropout on the augment's states in training, as LoRA drops its input: f_proj must then read a fact

@@ -45,7 +45,8 @@ def run_spec(run_dir: Path) -> CompositionSpec:
     results = run_dir / "results.json"
     if not results.is_file():
         return CompositionSpec()
-    return CompositionSpec(**json.loads(results.read_text())["settings"]["composition"])
+    saved = json.loads(results.read_text())["settings"]["composition"]
+    return CompositionSpec(**{"augment_norm": False} | saved)  # a run from before augment_norm had none
 
 
 def with_changes(spec: CompositionSpec, changes: Sequence[str]) -> CompositionSpec:

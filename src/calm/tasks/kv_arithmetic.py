@@ -91,10 +91,10 @@ class KVConfig:
     # seen keys and two operands there are 100*100*2 = 20,000 expressions.
     num_composition_examples: int = 2000
     # Tasks each D_C expression gives. The issue asks for both KV tasks, the paper's §3.2 for arithmetic only.
-    # Trained from scratch on both, the composition learns substitution but no arithmetic (3 seeds: KV-Sub
-    # 99.8%, KV-Arithmetic on held-out keys 0.6% against 89.3% without). `calm reproduce kv-arithmetic
+    # Trained from scratch on both, the composition learns substitution but little arithmetic (3 seeds: KV-Sub
+    # 99.9%, KV-Arithmetic on held-out keys 18.8% against 96.2% without). `calm reproduce kv-arithmetic
     # --ablations` also trains on the issue's D_C, from scratch and from the composition trained on this one,
-    # which keeps its arithmetic (90.6%) and learns substitution (98.7-100%) (`kv_reproduce`).
+    # which keeps its arithmetic (95.6%) and learns substitution (100%) (`kv_reproduce`).
     composition_tasks: tuple[str, ...] = ("kv_arithmetic",)
     # Not in the paper: D_C also holds each seen key alone ('abc_=' -> '+007'), this many times. A one-key
     # expression pins a key's digits down directly (trials, seed 0: 66% -> 98% on new expressions over D_C's
