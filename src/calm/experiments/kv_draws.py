@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedTokenizerFast, TrainerCallback, set_seed
 
+from calm.config import LATER_OPTIONS
 from calm.experiments.kv_arithmetic import ExperimentConfig, evaluate_models, load_eval_sets, load_frozen
 from calm.experiments.kv_reproduce import CompositionSpec, compose, train_on_d_c
 from calm.tasks.kv_arithmetic import read_jsonl
@@ -46,7 +47,9 @@ def run_spec(run_dir: Path) -> CompositionSpec:
     if not results.is_file():
         return CompositionSpec()
     saved = json.loads(results.read_text())["settings"]["composition"]
-    return CompositionSpec(**{"augment_norm": False} | saved)  # a run from before augment_norm had none
+    # A field the run lacks is an option it predates: rebuild it as it was made, as a saved composition is.
+    made_without = {k: v for k, v in LATER_OPTIONS.items() if k in {f.name for f in fields(CompositionSpec)}}
+    return CompositionSpec(**made_without | saved)
 
 
 def with_changes(spec: CompositionSpec, changes: Sequence[str]) -> CompositionSpec:
