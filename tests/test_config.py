@@ -96,7 +96,8 @@ def test_mismatched_vocabularies_are_refused(pair):
 
     other = tf.LlamaForCausalLM(tf.LlamaConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2,
                                                num_attention_heads=2, intermediate_size=32))
-    with pytest.raises(ValueError, match="vocab_size 50 but the anchor has 96: composed models must share one"):
+    with pytest.raises(ValueError, match="vocab_size 50 but the anchor has 96: the models do not share a tokenizer; "
+                                         "pass the anchor.s tokenizer= and the augment.s augment_tokenizer="):
         calm.compose(pair[0], other)
 
 

@@ -291,9 +291,9 @@ class EpochCalls(TrainerCallback):
 def test_augment_cache_rebuilds_padded_batches():
     cache = AugmentStateCache()
     states = [{1: torch.arange(2 * 3 * 2, dtype=torch.float32).view(2, 3, 2)}]
-    cache.store([7, 9], [3, 1], states)
-    assert cache.lookup([7, 8], 3, torch.device("cpu")) is None
-    batch = cache.lookup([9, 7], 4, torch.device("cpu"))
+    cache.store([7, 9], [[3, 1]], states)
+    assert cache.lookup([7, 8], [3], torch.device("cpu")) is None
+    batch = cache.lookup([9, 7], [4], torch.device("cpu"))
     assert batch[0][1].shape == (2, 4, 2)
     assert torch.equal(batch[0][1][0, :1], states[0][1][1, :1]) and batch[0][1][0, 1:].abs().sum() == 0
     assert torch.equal(batch[0][1][1, :3], states[0][1][0])

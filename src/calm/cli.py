@@ -39,6 +39,9 @@ def add_base_arguments(parser: argparse.ArgumentParser, required: bool = True) -
     group.add_argument("--augment", action="append", default=None, required=required,
                        help="augmenting model m_A: HF name or local path (repeat the flag for several)")
     group.add_argument("--tokenizer", default=None, help="tokenizer name or path (default: the anchor's)")
+    group.add_argument("--augment-tokenizer", action="append", default=None,
+                       help="the augment's tokenizer, name or path (repeat it once per --augment): an augment whose "
+                            "tokenizer differs from the anchor's reads the anchor's text through its own")
     group.add_argument("--dtype", default="auto", choices=DTYPES,
                        help="dtype of the frozen base models (auto: bfloat16 on GPUs that have it, else float32); "
                             "composition layers stay float32")
@@ -125,27 +128,60 @@ def load_base_config(name: str, args: argparse.Namespace):
         raise UserError(f"cannot load model {name!r}: {str(e).splitlines()[0]}") from e
 
 
-def compose_from_args(args: argparse.Namespace):
-    """Load the base models the flags name and compose them as the flags say."""
+def augment_tokenizers_from_args(args: argparse.Namespace) -> list | None:
+    """The tokenizers `--augment-tokenizer` names (one per `--augment`), or None when it is not given."""
+    names = getattr(args, "augment_tokenizer", None)
+    if not names:
+        return None
+    if args.augment and len(names) != len(args.augment):
+        raise UserError(f"--augment-tokenizer is given {len(names)} time(s) for {len(args.augment)} --augment: "
+                        "give one per augment, in the same order")
+    return [load_tokenizer(name) for name in names]
+
+
+def compose_from_args(args: argparse.Namespace, tokenizer: Any = None):
+    """Load the base models the flags name and compose them as the flags say (`tokenizer`: the anchor's, when
+    already loaded)."""
     import calm
 
+    augment_tokenizers = augment_tokenizers_from_args(args)
+    if augment_tokenizers is not None and tokenizer is None:
+        tokenizer = load_tokenizer(args.tokenizer or args.anchor)
     anchor = load_base(args.anchor, args)
     augments = [load_base(name, args) for name in args.augment]
-    return calm.compose(anchor, augments, connections=args.connections, num_connections=args.num_connections,
-                        every=args.every, num_heads=args.num_heads, qk_norm=args.qk_norm, init=args.init,
-                        augment_mode=args.augment_mode, rope_theta=args.rope_theta,
-                        augment_dropout=args.augment_dropout, augment_norm=args.augment_norm)
+    try:
+        return calm.compose(anchor, augments, connections=args.connections, num_connections=args.num_connections,
+                            every=args.every, num_heads=args.num_heads, qk_norm=args.qk_norm, init=args.init,
+                            augment_mode=args.augment_mode, rope_theta=args.rope_theta,
+                            augment_dropout=args.augment_dropout, augment_norm=args.augment_norm,
+                            tokenizer=tokenizer if augment_tokenizers is not None else None,
+                            augment_tokenizers=augment_tokenizers)
+    except ValueError as e:
+        if "do not share a tokenizer" in str(e):
+            raise UserError(f"{e} (on the command line: --augment-tokenizer, once per --augment)") from None
+        raise
 
 
 def load_composition(args: argparse.Namespace):
-    """A saved composition, on the bases given by flags or those its config records."""
+    """A saved composition, on the bases given by flags or those its config records; its saved tokenizers, or
+    those the flags name (which must be the ones it was trained with)."""
     import calm
 
     anchor = load_base(args.anchor, args) if args.anchor else None
     augments = [load_base(name, args) for name in args.augment] if args.augment else None
     return calm.CALMForCausalLM.from_pretrained(args.composition, anchor=anchor, augments=augments,
+                                                tokenizer=load_tokenizer(args.tokenizer) if args.tokenizer else None,
+                                                augment_tokenizers=augment_tokenizers_from_args(args),
                                                 trust_remote_code=args.trust_remote_code,
                                                 dtype=base_dtype(args.dtype))
+
+
+def composition_tokenizer(model: Any, args: argparse.Namespace):
+    """The anchor's tokenizer for a loaded composition: the one saved with it, else `--tokenizer`, else the
+    anchor's own."""
+    if model.tokenizer is not None:
+        return model.tokenizer
+    return load_tokenizer(args.tokenizer or model.config.anchor["name_or_path"])
 
 
 def load_tokenizer(name: str):
@@ -204,7 +240,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if args.prompt is not None and not args.prompt.strip():
         raise UserError("--prompt is empty: give some text to complete")
     model = load_composition(args)
-    tokenizer = load_tokenizer(args.tokenizer or model.config.anchor["name_or_path"])
+    tokenizer = composition_tokenizer(model, args)
     prompts = [args.prompt] if args.prompt is not None else _interactive_prompts()
     for prompt in prompts:
         inputs = tokenizer(prompt, return_tensors="pt")
@@ -254,7 +290,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
     examples = load_examples(args.data)  # bad data fails here, before any model is loaded
     model = load_composition(args)
-    tokenizer = load_tokenizer(args.tokenizer or model.config.anchor["name_or_path"])
+    tokenizer = composition_tokenizer(model, args)
     metrics = evaluate_file(model, tokenizer, examples, max_new_tokens=args.max_new_tokens,
                             batch_size=args.batch_size, augment_mode=args.augment_mode)
     print(json.dumps(metrics, indent=2))
@@ -397,7 +433,7 @@ def _from_run_record(record: dict) -> dict:
     model = record.get("model") if isinstance(record.get("model"), dict) else {}
     if "connections" in model:
         model = LATER_OPTIONS | model
-    for key in ("anchor", "augments", "tokenizer", "dtype", "connections", *OPTIONS):
+    for key in ("anchor", "augments", "tokenizer", "augment_tokenizer", "dtype", "connections", *OPTIONS):
         if key in model:
             values.setdefault("augment" if key == "augments" else key, model[key])
     data = record.get("data") if isinstance(record.get("data"), dict) else {}

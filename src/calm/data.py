@@ -327,20 +327,37 @@ def pad(sequences: Sequence[Sequence[int]], value: int, side: str = "right") -> 
 @dataclass
 class PaddingCollator:
     """Pads a list of `TokenizedDataset` rows to the longest one: input_ids, attention_mask, labels (-100 on
-    padding), plus `example_index` and `augment_length`, which the trainer takes out before the forward."""
+    padding), plus `example_index` and `augment_length`, which the trainer takes out before the forward.
+
+    With `aligners` (a composition's, one per augment, None where an augment shares the anchor's tokenizer),
+    it also builds `augment_inputs`: each other augment's own token ids and alignment, so that this work happens
+    in the data loader rather than in the forward pass. `augment_mode="prompt"` ends each row's text at its
+    prompt, as the model does."""
 
     pad_token_id: int
     padding_side: str = "right"
+    aligners: Sequence[Any] | None = None
+    augment_mode: str = "iterative"
 
     def __call__(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
         ids = [r["input_ids"] for r in rows]
-        return {
+        batch = {
             "input_ids": pad(ids, self.pad_token_id, self.padding_side),
             "attention_mask": pad([[1] * len(i) for i in ids], 0, self.padding_side),
             "labels": pad([r["labels"] for r in rows], IGNORE_INDEX, self.padding_side),
             "example_index": torch.tensor([r["index"] for r in rows], dtype=torch.long),
             "augment_length": torch.tensor([r["augment_length"] for r in rows], dtype=torch.long),
         }
+        if self.aligners is not None and any(a is not None for a in self.aligners):
+            prompt_lengths = None
+            if self.augment_mode == "prompt":  # in columns, as the model counts them
+                offsets = batch["input_ids"].shape[1] - torch.tensor([len(i) for i in ids])
+                prompt_lengths = batch["augment_length"] + (offsets if self.padding_side == "left" else 0)
+            batch["augment_inputs"] = [
+                None if aligner is None else aligner.align(batch["input_ids"], batch["attention_mask"],
+                                                           prompt_lengths=prompt_lengths)
+                for aligner in self.aligners]
+        return batch
 
 
 def encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str]) -> dict[str, torch.Tensor]:

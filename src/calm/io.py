@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
+from .alignment import tokenizer_fingerprint
 from .blocks import base_info
 from .config import LATER_OPTIONS, OPTIONS, CALMConfig
 
@@ -26,9 +27,12 @@ if TYPE_CHECKING:
     from .model import CALMForCausalLM
 
 CONFIG_NAME = "calm_config.json"
+ANCHOR_TOKENIZER_DIR = "tokenizer"
+AUGMENT_TOKENIZER_DIR = "augment_tokenizer"
 WEIGHTS_NAME = "calm.safetensors"
 FORMAT = "calm/1"
 _RECORD_FIELDS = {"name_or_path": str, "num_layers": int, "width": int, "vocab_size": int}
+_OPTIONAL_RECORD_FIELDS = {"tokenizer_fingerprint": str, "shares_tokenizer": bool}
 _CONFIG_FIELDS = {"connections": list, "num_heads": int, "qk_norm": bool, "init": str, "augment_mode": str,
                   "anchor": dict, "augments": list}
 _CHECKSUM_FIELD = "weights_sha256"  # sha256 of calm.safetensors: catches corruption and a config/weights mix-up
@@ -80,6 +84,42 @@ def save_composition(model: CALMForCausalLM, save_directory: str | os.PathLike, 
         WEIGHTS_NAME: write_weights,
         CONFIG_NAME: lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"),
     })
+    for name, tokenizer in _tokenizer_dirs(model.tokenizer, model.augment_tokenizers).items():
+        tokenizer.save_pretrained(directory / name)
+
+
+def _tokenizer_dirs(tokenizer: Any, augment_tokenizers: Sequence[Any]) -> dict[str, Any]:
+    """Where each known tokenizer is saved beside the composition: `tokenizer/` (the anchor's) and
+    `augment_tokenizer_K/` (augment K's, when it has one of its own)."""
+    dirs = {} if tokenizer is None else {ANCHOR_TOKENIZER_DIR: tokenizer}
+    dirs |= {f"{AUGMENT_TOKENIZER_DIR}_{k}": t for k, t in enumerate(augment_tokenizers) if t is not None}
+    return dirs
+
+
+def load_tokenizers(directory: str | os.PathLike, config: CALMConfig, tokenizer: Any = None,
+                    augment_tokenizers: Sequence[Any] | None = None) -> tuple[Any, list[Any]]:
+    """The tokenizers of a saved composition: those given (checked against the fingerprints it recorded) or
+    those saved beside it. A tokenizer that differs from the one the composition was trained with is refused."""
+    from transformers import AutoTokenizer
+
+    directory = Path(directory)
+    augment_tokenizers = list(augment_tokenizers) if augment_tokenizers is not None else [None] * len(config.augments)
+    if len(augment_tokenizers) != len(config.augments):
+        raise ValueError(f"got {len(augment_tokenizers)} augment tokenizers for {len(config.augments)} augments")
+    records = [("tokenizer", ANCHOR_TOKENIZER_DIR, config.anchor, tokenizer)]
+    records += [(f"augment_tokenizers[{k}]", f"{AUGMENT_TOKENIZER_DIR}_{k}", r, augment_tokenizers[k])
+                for k, r in enumerate(config.augments)]
+    loaded = []
+    for who, name, record, given in records:
+        if given is None and (directory / name).is_dir():
+            given = AutoTokenizer.from_pretrained(directory / name)
+        expected = record.get("tokenizer_fingerprint")
+        if given is not None and expected and tokenizer_fingerprint(given, who) != expected:
+            raise ValueError(f"{who} is not the tokenizer this composition was trained with (its fingerprint "
+                             f"differs from the one recorded in {CONFIG_NAME}): pass the right one, or none to "
+                             f"use the one saved in {directory / name}")
+        loaded.append(given)
+    return loaded[0], loaded[1:]
 
 
 def load_config(directory: str | os.PathLike) -> CALMConfig:
@@ -120,6 +160,9 @@ def load_config(directory: str | os.PathLike) -> CALMConfig:
 def _check_record(path: Path, who: str, record: Any) -> None:
     if not isinstance(record, dict):
         raise ValueError(f"{path}: {who} must be an object")
+    for field, kind in _OPTIONAL_RECORD_FIELDS.items():
+        if field in record and not isinstance(record[field], kind):
+            raise ValueError(f"{path}: {who}.{field} must be {kind.__name__}, got {record[field]!r}")
     for field, kind in _RECORD_FIELDS.items():
         value = record.get(field)
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
@@ -148,7 +191,8 @@ def check_base(config_record: dict, model: PreTrainedModel, who: str) -> None:
 
 
 def load_composition(cls: type[CALMForCausalLM], directory: str | os.PathLike, anchor: PreTrainedModel | None,
-                     augments: list[PreTrainedModel] | None, *, trust_remote_code: bool = False,
+                     augments: list[PreTrainedModel] | None, *, tokenizer: Any = None,
+                     augment_tokenizers: Sequence[Any] | None = None, trust_remote_code: bool = False,
                      **base_kwargs: Any) -> CALMForCausalLM:
     """Rebuild a composition from `directory` on the given (or recorded) base models and load its weights.
 
@@ -156,6 +200,7 @@ def load_composition(cls: type[CALMForCausalLM], directory: str | os.PathLike, a
     `FileNotFoundError`) and leaves the given base models exactly as they were."""
     config = load_config(directory)
     weights = load_weights(directory, expected_sha256=getattr(config, "weights_sha256", None))
+    tokenizer, augment_tokenizers = load_tokenizers(directory, config, tokenizer, augment_tokenizers)
     if anchor is None:
         anchor = _load_base(config.anchor, "anchor", trust_remote_code, base_kwargs)
     if augments is None:
@@ -168,7 +213,7 @@ def load_composition(cls: type[CALMForCausalLM], directory: str | os.PathLike, a
     for i, (record, model) in enumerate(zip(config.augments, augments)):
         check_base(record, model, f"augments[{i}]")
     with _restore_modes_on_error([anchor, *augments]):  # building the composition freezes the bases
-        model = cls(config, anchor, augments)
+        model = cls(config, anchor, augments, tokenizer, augment_tokenizers)
         load_checked(model.composition, weights, Path(directory) / WEIGHTS_NAME)
     return model
 

@@ -9,9 +9,10 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import GenerationMixin, PreTrainedModel
+from transformers import GenerationMixin, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from .alignment import TokenizerAligner, same_tokenizer, tokenizer_fingerprint
 from .blocks import BaseInfo, base_info, decoder_blocks
 from .cache import CALMCache
 from .config import AUGMENT_MODES, CALMConfig, resolve_connections
@@ -38,10 +39,13 @@ def _replace_block_input(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tup
     return ((hidden, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": hidden})
 
 
-def _record(info: BaseInfo, model: PreTrainedModel) -> dict:
+def _record(info: BaseInfo, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None = None) -> dict:
     name = getattr(model, "name_or_path", "") or getattr(model.config, "_name_or_path", "")
-    return {"name_or_path": str(name), "model_type": model.config.model_type, "num_layers": info.num_layers,
-            "width": info.width, "vocab_size": info.vocab_size}
+    record = {"name_or_path": str(name), "model_type": model.config.model_type, "num_layers": info.num_layers,
+              "width": info.width, "vocab_size": info.vocab_size}
+    if tokenizer is not None:
+        record["tokenizer_fingerprint"] = tokenizer_fingerprint(tokenizer)
+    return record
 
 
 class CALMForCausalLM(PreTrainedModel, GenerationMixin):
@@ -56,12 +60,17 @@ class CALMForCausalLM(PreTrainedModel, GenerationMixin):
     main_input_name = "input_ids"
     _supports_sdpa = True
 
-    def __init__(self, config: CALMConfig, anchor: PreTrainedModel, augments: Sequence[PreTrainedModel]) -> None:
+    def __init__(self, config: CALMConfig, anchor: PreTrainedModel, augments: Sequence[PreTrainedModel],
+                 tokenizer: PreTrainedTokenizerBase | None = None,
+                 augment_tokenizers: Sequence[PreTrainedTokenizerBase | None] | None = None) -> None:
         super().__init__(config)
         if len(augments) != len(config.connections):
             raise ValueError(
                 f"got {len(augments)} augmenting model(s) but the config has connections for {len(config.connections)}"
             )
+        self.tokenizer = tokenizer
+        self.augment_tokenizers = list(augment_tokenizers or [None] * len(augments))
+        self.aligners = self._aligners(config, tokenizer, self.augment_tokenizers)
         self.anchor = anchor
         self.augments = nn.ModuleList(augments)
         anchor_info = base_info(anchor)
@@ -82,6 +91,22 @@ class CALMForCausalLM(PreTrainedModel, GenerationMixin):
             base.eval()
         self.generation_config = anchor.generation_config
         self.post_init()
+
+    @staticmethod
+    def _aligners(config: CALMConfig, tokenizer, augment_tokenizers) -> list[TokenizerAligner | None]:
+        """One aligner per augment whose tokenizer differs from the anchor's (None where they share one)."""
+        if len(augment_tokenizers) != len(config.augments or augment_tokenizers):
+            raise ValueError(f"got {len(augment_tokenizers)} augment tokenizers for {len(config.augments)} augments")
+        aligners = []
+        for k, record in enumerate(config.augments or [{}] * len(augment_tokenizers)):
+            if record.get("shares_tokenizer", True):
+                aligners.append(None)
+                continue
+            if tokenizer is None or augment_tokenizers[k] is None:
+                raise ValueError(f"augments[{k}] has its own tokenizer: pass tokenizer= (the anchor's) and "
+                                 "augment_tokenizers= (one per augment) to rebuild the composition")
+            aligners.append(TokenizerAligner(tokenizer, augment_tokenizers[k]))
+        return aligners
 
     def _init_weights(self, module: nn.Module) -> None:
         """Composition layers initialise themselves; base models are never re-initialised."""
@@ -106,6 +131,7 @@ class CALMForCausalLM(PreTrainedModel, GenerationMixin):
         augment_mode: str | None = None,
         augment_length: int | torch.Tensor | None = None,
         augment_states: list[dict[int, torch.Tensor]] | None = None,
+        augment_inputs: list[dict[str, torch.Tensor] | None] | None = None,
         **kwargs: Any,
     ) -> CausalLMOutputWithPast:
         """Composed causal-LM forward pass.
@@ -113,7 +139,9 @@ class CALMForCausalLM(PreTrainedModel, GenerationMixin):
         `augment_mode="prompt"` makes the augments read only the prompt: its first `augment_length` positions
         (an int, or a LongTensor of per-example lengths counted in columns), the whole input when not given.
         With a `cache`, only the new tokens are passed, as in any transformers model. `augment_states`
-        (from `compute_augment_states` on the same input) skips the augments' forward passes.
+        (from `compute_augment_states` on the same input) skips the augments' forward passes. `augment_inputs`
+        (from `align`, as the training collator builds them) gives each cross-tokenizer augment its own token ids
+        and alignment; they are worked out from `input_ids` when not given.
         """
         if "past_key_values" in kwargs:  # deprecated alias of `cache` in transformers 5
             cache = cache if cache is not None else kwargs.pop("past_key_values")
@@ -131,13 +159,10 @@ class CALMForCausalLM(PreTrainedModel, GenerationMixin):
         if position_ids is None:
             position_ids = self._position_ids(attention_mask, past, length, input_ids.device)
 
-        keys_values = self._augment_keys_values(
-            input_ids, attention_mask, position_ids, cache, past, mode, augment_length, augment_states
+        keys_values, masks = self._augment_keys_values(
+            input_ids, attention_mask, position_ids, cache, past, mode, augment_length, augment_states, augment_inputs
         )
-        num_keys = keys_values[0][0][0].shape[-2]
-        prompt_length = augment_length if mode == "prompt" else None
-        mask = self._cross_mask(attention_mask, past, length, num_keys, prompt_length, input_ids.device)
-        with self._inject(keys_values, mask, position_ids):
+        with self._inject(keys_values, masks, position_ids):
             out = self.anchor(
                 input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                 cache=cache.anchor if cache is not None else None, use_cache=use_cache, labels=labels,
@@ -162,34 +187,108 @@ class CALMForCausalLM(PreTrainedModel, GenerationMixin):
         return positions[:, -length:]
 
     def _augment_keys_values(self, input_ids, attention_mask, position_ids, cache, past, mode, augment_length,
-                             augment_states):
-        """Per augment, per connection: (keys, values) over every augment position the anchor may attend to."""
-        if mode == "prompt" and past > 0:  # decoding: the prompt's keys/values are all there is
-            return [[(layer.keys, layer.values) for layer in conns] for conns in cache.projected]
+                             augment_states, augment_inputs):
+        """Per augment: the (keys, values) of each connection over every augment position the anchor may attend
+        to (None when there is none yet), and the (B, 1, T, S) mask of which ones each anchor position sees."""
+        length = input_ids.shape[1]
+        shared_ids, shared_mask, shared_positions = input_ids, attention_mask, position_ids
         if mode == "prompt" and isinstance(augment_length, int):
-            input_ids, position_ids = input_ids[:, :augment_length], position_ids[:, :augment_length]
-            attention_mask = None if attention_mask is None else attention_mask[:, :augment_length]
-        result = []
-        for k, conns in enumerate(self.config.connections):
-            augment_cache = cache.augments[k] if cache is not None and mode == "iterative" else None
-            if augment_states is not None:
-                states = augment_states[k]
+            shared_ids, shared_positions = input_ids[:, :augment_length], position_ids[:, :augment_length]
+            shared_mask = None if attention_mask is None else attention_mask[:, :augment_length]
+        keys_values, masks, shared_cross_mask = [], [], None
+        for k in range(len(self.augments)):
+            if self.aligners[k] is not None:
+                pairs, mask = self._cross_tokenizer_keys_values(
+                    k, input_ids, attention_mask, position_ids, cache, past, mode, augment_length,
+                    None if augment_states is None else augment_states[k],
+                    None if augment_inputs is None else augment_inputs[k])
             else:
-                states = self._run_augment(k, input_ids, attention_mask, position_ids, augment_cache)
-            pairs = []
-            for j, (a, _) in enumerate(conns):
-                keys, values = self.composition[k][j].keys_values(states[a], position_ids)
-                if cache is not None:
-                    keys, values = cache.projected[k][j].update(keys, values)
-                pairs.append((keys, values))
-            result.append(pairs)
-        return result
+                if mode == "prompt" and past > 0:  # decoding: the prompt's keys/values are all there is
+                    pairs = [(layer.keys, layer.values) for layer in cache.projected[k]]
+                else:
+                    augment_cache = cache.augments[k] if cache is not None and mode == "iterative" else None
+                    states = augment_states[k] if augment_states is not None else self._run_augment(
+                        k, shared_ids, shared_mask, shared_positions, augment_cache)
+                    pairs = self._project(k, states, shared_positions, cache)
+                if shared_cross_mask is None:
+                    prompt_length = augment_length if mode == "prompt" else None
+                    shared_cross_mask = self._cross_mask(attention_mask, past, length, pairs[0][0].shape[-2],
+                                                         prompt_length, input_ids.device)
+                mask = shared_cross_mask
+            keys_values.append(pairs)
+            masks.append(mask)
+        return keys_values, masks
 
-    def compute_augment_states(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None
+    def _project(self, k: int, states: dict[int, torch.Tensor], positions: torch.Tensor,
+                 cache: CALMCache | None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Keys and values of augment k's connections (appended to the cache's, when there is a cache)."""
+        pairs = []
+        for j, (a, _) in enumerate(self.config.connections[k]):
+            keys, values = self.composition[k][j].keys_values(states[a], positions)
+            if cache is not None:
+                keys, values = cache.projected[k][j].update(keys, values)
+            pairs.append((keys, values))
+        return pairs
+
+    def _cross_tokenizer_keys_values(self, k, input_ids, attention_mask, position_ids, cache, past, mode,
+                                     augment_length, states, inputs):
+        """Augment k reads the anchor's text through its own tokenizer (see `calm.alignment`): its new tokens are
+        those the new anchor tokens make final, and anchor column t sees the ones final by column t."""
+        batch, length = input_ids.shape
+        prompt_lengths = None
+        if mode == "prompt":
+            whole = past + length if augment_length is None else augment_length
+            prompt_lengths = whole.tolist() if torch.is_tensor(whole) else [int(whole)] * batch
+        if cache is not None:
+            alignment = cache.alignments[k]
+            new = None if mode == "prompt" and past > 0 else alignment.feed(
+                input_ids, attention_mask, position_ids, past, prompt_lengths)
+            real, visible_from = alignment.attention_mask, alignment.visible_from
+        else:
+            new = inputs if inputs is not None else self.aligners[k].align(
+                input_ids, attention_mask, position_ids, None if prompt_lengths is None
+                else torch.tensor(prompt_lengths))
+            real, visible_from = new["attention_mask"], new["visible_from"]
+        if new is not None and new["input_ids"].shape[1] > 0:
+            if states is None:
+                states = self._run_augment(k, new["input_ids"], real, new["position_ids"],
+                                           None if cache is None else cache.augments[k])
+            pairs = self._project(k, states, new["key_positions"], cache)
+        elif cache is not None and cache.projected[k][0].is_initialized:
+            pairs = [(layer.keys, layer.values) for layer in cache.projected[k]]
+        else:
+            return None, None  # no augment token is final yet: nothing to attend to
+        columns = torch.arange(past, past + length, device=input_ids.device)
+        mask = real.bool()[:, None, None, :] & (visible_from[:, None, None, :] <= columns[None, None, :, None])
+        return pairs, mask
+
+    def align(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+              augment_length: int | torch.Tensor | None = None) -> list[dict[str, torch.Tensor] | None]:
+        """Per augment, its token ids and alignment for this anchor batch (None for an augment that shares the
+        anchor's tokenizer): what a training collator passes as `augment_inputs`. `augment_length` ends each
+        row's text for "prompt" mode, as in `forward`."""
+        lengths = augment_length
+        if lengths is not None and not torch.is_tensor(lengths):
+            lengths = torch.full((input_ids.shape[0],), int(lengths))
+        return [None if aligner is None else aligner.align(input_ids, attention_mask, prompt_lengths=lengths)
+                for aligner in self.aligners]
+
+    def compute_augment_states(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None,
+                               augment_inputs: list[dict[str, torch.Tensor] | None] | None = None,
                                ) -> list[dict[int, torch.Tensor]]:
-        """Tapped hidden states of every augment (frozen, so they can be computed once and reused)."""
+        """Tapped hidden states of every augment (frozen, so they can be computed once and reused). A
+        cross-tokenizer augment's states are over its own tokens (`augment_inputs`, or `align`'s)."""
         position_ids = self._position_ids(attention_mask, 0, input_ids.shape[1], input_ids.device)
-        return [self._run_augment(k, input_ids, attention_mask, position_ids, None) for k in range(len(self.augments))]
+        if augment_inputs is None:
+            augment_inputs = self.align(input_ids, attention_mask)
+        states = []
+        for k, inputs in enumerate(augment_inputs):
+            if inputs is None:
+                states.append(self._run_augment(k, input_ids, attention_mask, position_ids, None))
+            else:
+                states.append(self._run_augment(k, inputs["input_ids"], inputs["attention_mask"],
+                                                inputs["position_ids"], None))
+        return states
 
     @torch.no_grad()
     def _run_augment(self, k: int, input_ids, attention_mask, position_ids, cache) -> dict[int, torch.Tensor]:
@@ -245,16 +344,19 @@ class CALMForCausalLM(PreTrainedModel, GenerationMixin):
         return mask
 
     @contextlib.contextmanager
-    def _inject(self, keys_values, mask, position_ids) -> Iterator[None]:
+    def _inject(self, keys_values, masks, position_ids) -> Iterator[None]:
         """Add each connection's cross-attention output to the anchor stream after its anchor block (anchor
-        block -1: before block 0, onto the embeddings)."""
+        block -1: before block 0, onto the embeddings). An augment with nothing to attend to yet adds nothing."""
         by_block: dict[int, list] = {}
         for k, conns in enumerate(self.config.connections):
+            if keys_values[k] is None:
+                continue
             for j, (_, b) in enumerate(conns):
-                by_block.setdefault(b, []).append((self.composition[k][j], *keys_values[k][j]))
+                by_block.setdefault(b, []).append((self.composition[k][j], *keys_values[k][j], masks[k]))
 
         def updated(hidden, entries):
-            return hidden + sum(layer(hidden, keys, values, mask, position_ids) for layer, keys, values in entries)
+            return hidden + sum(layer(hidden, keys, values, mask, position_ids)
+                                for layer, keys, values, mask in entries)
 
         def inject(entries):
             def hook(module, args, output):
@@ -280,7 +382,8 @@ class CALMForCausalLM(PreTrainedModel, GenerationMixin):
 
     def new_cache(self) -> CALMCache:
         """An empty composite cache for this model."""
-        return CALMCache(self.anchor.config, [a.config for a in self.augments], self.config.connections)
+        return CALMCache(self.anchor.config, [a.config for a in self.augments], self.config.connections,
+                         self.aligners)
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs) -> None:
         user_cache = model_kwargs.get("cache")
@@ -336,13 +439,18 @@ class CALMForCausalLM(PreTrainedModel, GenerationMixin):
 
     @classmethod
     def from_pretrained(cls, path: str, anchor: PreTrainedModel | None = None,
-                        augments: Sequence[PreTrainedModel] | None = None, *, trust_remote_code: bool = False,
-                        **base_kwargs: Any) -> CALMForCausalLM:
+                        augments: Sequence[PreTrainedModel] | None = None, *,
+                        tokenizer: PreTrainedTokenizerBase | None = None,
+                        augment_tokenizers: Sequence[PreTrainedTokenizerBase | None] | None = None,
+                        trust_remote_code: bool = False, **base_kwargs: Any) -> CALMForCausalLM:
         """Load a saved composition onto its base models: the given ones, or those named in its config
-        (loaded with `AutoModelForCausalLM.from_pretrained(name, **base_kwargs)`)."""
+        (loaded with `AutoModelForCausalLM.from_pretrained(name, **base_kwargs)`). Tokenizers saved with it are
+        loaded too; given ones must be those it was trained with (compared by fingerprint)."""
         from .io import load_composition
 
-        return load_composition(cls, path, anchor, augments, trust_remote_code=trust_remote_code, **base_kwargs)
+        return load_composition(cls, path, anchor, augments, tokenizer=tokenizer,
+                                augment_tokenizers=augment_tokenizers, trust_remote_code=trust_remote_code,
+                                **base_kwargs)
 
 
 def compose(
@@ -359,6 +467,9 @@ def compose(
     rope_theta: float | None = 10000.0,
     augment_dropout: float = 0.0,
     augment_norm: bool = True,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    augment_tokenizer: PreTrainedTokenizerBase | None = None,
+    augment_tokenizers: Sequence[PreTrainedTokenizerBase | None] | None = None,
 ) -> CALMForCausalLM:
     """Compose a frozen anchor with one or more frozen augmenting causal LMs.
 
@@ -366,6 +477,12 @@ def compose(
     with several augments), `num_connections=n` (evenly spaced on both models) or `every=k` (every k-th
     augment block, the paper's choice). With none, every 4th augment block is tapped. `num_heads` defaults to
     the anchor's attention heads.
+
+    Models need not share a tokenizer: pass the anchor's `tokenizer` and the augment's `augment_tokenizer`
+    (`augment_tokenizers=[...]` with several augments). An augment whose tokenizer is the anchor's (compared by
+    content) reads the anchor's tokens directly; any other reads the same text through its own tokenizer (see
+    `calm.alignment`). Without tokenizers, the models must have the same vocabulary size and are assumed to share
+    a tokenizer.
     """
     if augment is None:
         raise ValueError("augment is None: give an augmenting model (a PreTrainedModel) or a list of them")
@@ -378,12 +495,9 @@ def compose(
             raise TypeError(f"{what} must be a transformers PreTrainedModel, got {type(model).__name__}")
     anchor_info = base_info(anchor)
     infos = [base_info(a) for a in augments]
-    for i, info in enumerate(infos):
-        if info.vocab_size != anchor_info.vocab_size:
-            raise ValueError(
-                f"augment[{i}] has vocab_size {info.vocab_size} but the anchor has {anchor_info.vocab_size}: "
-                "composed models must share one tokenizer (as in the paper)"
-            )
+    augment_tokenizers = _augment_tokenizers(augment_tokenizer, augment_tokenizers, len(augments))
+    shares = [_shares_tokenizer(i, anchor_info, info, tokenizer, tok)
+              for i, (info, tok) in enumerate(zip(infos, augment_tokenizers))]
     per_augment = _split_connections(connections, len(augments))
     resolved = [
         resolve_connections(info.num_layers, anchor_info.num_layers, conns, num_connections, every)
@@ -396,12 +510,49 @@ def compose(
         connections=[[list(p) for p in r] for r in resolved], num_heads=heads, qk_norm=qk_norm, init=init,
         augment_mode=augment_mode, rope_theta=rope_theta, augment_dropout=augment_dropout,
         augment_norm=augment_norm,
-        anchor=_record(anchor_info, anchor),
-        augments=[_record(info, a) for info, a in zip(infos, augments)],
+        anchor=_record(anchor_info, anchor, tokenizer),
+        augments=[_record(info, a, tok) | {"shares_tokenizer": shared}
+                  for info, a, tok, shared in zip(infos, augments, augment_tokenizers, shares)],
         pad_token_id=anchor.config.pad_token_id, eos_token_id=anchor.config.eos_token_id,
         bos_token_id=anchor.config.bos_token_id,
     )
-    return CALMForCausalLM(config, anchor, augments)
+    return CALMForCausalLM(config, anchor, augments, tokenizer, augment_tokenizers)
+
+
+def _augment_tokenizers(one: Any, many: Any, num_augments: int) -> list:
+    if one is not None and many is not None:
+        raise ValueError("give augment_tokenizer (one augment) or augment_tokenizers (a list), not both")
+    if one is not None:
+        if num_augments != 1:
+            raise ValueError(f"augment_tokenizer is for one augment, but there are {num_augments}: pass "
+                             "augment_tokenizers=[...] with one tokenizer (or None) per augment")
+        return [one]
+    if many is None:
+        return [None] * num_augments
+    if isinstance(many, PreTrainedTokenizerBase) or len(many) != num_augments:
+        raise ValueError(f"augment_tokenizers must be a list of {num_augments} tokenizer(s) (or None), one per "
+                         f"augment, got {many!r:.80}")
+    return list(many)
+
+
+def _shares_tokenizer(i: int, anchor: BaseInfo, augment: BaseInfo, tokenizer: Any, augment_tokenizer: Any) -> bool:
+    """Whether augment i reads the anchor's token ids directly; raise when that cannot be decided or done."""
+    if augment_tokenizer is None:
+        if augment.vocab_size != anchor.vocab_size:
+            raise ValueError(
+                f"augment[{i}] has vocab_size {augment.vocab_size} but the anchor has {anchor.vocab_size}: the models "
+                "do not share a tokenizer; pass the anchor's tokenizer= and the augment's augment_tokenizer= "
+                "(augment_tokenizers=[...] with several augments)"
+            )
+        return True
+    if tokenizer is None:
+        raise ValueError("augment_tokenizer is given but tokenizer is not: pass the anchor's tokenizer too")
+    if not same_tokenizer(tokenizer, augment_tokenizer):
+        return False
+    if len(tokenizer) > augment.vocab_size:
+        raise ValueError(f"augment[{i}] shares the anchor's tokenizer ({len(tokenizer)} tokens) but its embedding "
+                         f"matrix has only {augment.vocab_size} rows")
+    return True
 
 
 def _split_connections(connections: Sequence | None, num_augments: int) -> list:

@@ -263,13 +263,14 @@ class AugmentStateCache:
     def __len__(self) -> int:
         return len(self._memory) + len(self._shard_of)
 
-    def store(self, indices: Sequence[int], lengths: Sequence[int],
+    def store(self, indices: Sequence[int], lengths: Sequence[Sequence[int]],
               states: list[dict[int, torch.Tensor]]) -> None:
-        """Keep the states of a right-padded batch: `states[k][layer]` is (B, T, D) for augment k."""
+        """Keep the states of a right-padded batch: `states[k][layer]` is (B, T_k, D) for augment k, and
+        `lengths[k][row]` the row's real length in augment k's tokens."""
         per_example = {
-            index: {f"{k}.{layer}": tensor[row, :length].detach().to("cpu", copy=True).contiguous()
+            index: {f"{k}.{layer}": tensor[row, :lengths[k][row]].detach().to("cpu", copy=True).contiguous()
                     for k, taps in enumerate(states) for layer, tensor in taps.items()}
-            for row, (index, length) in enumerate(zip(indices, lengths))
+            for row, index in enumerate(indices)
         }
         self.num_bytes += sum(t.nbytes for example in per_example.values() for t in example.values())
         if self.directory is None:
@@ -294,16 +295,17 @@ class AugmentStateCache:
                     indices = {int(name.split("/")[0]) for name in f.keys()}  # noqa: SIM118 (not iterable)
                 self._shard_of.update(dict.fromkeys(indices, shard))
 
-    def lookup(self, indices: Sequence[int], width: int,
+    def lookup(self, indices: Sequence[int], widths: Sequence[int],
                device: torch.device) -> list[dict[int, torch.Tensor]] | None:
-        """The batch's states right-padded to `width` on `device`, or None if any example is missing."""
+        """The batch's states, augment k's right-padded to `widths[k]`, on `device`; None if any example is
+        missing."""
         if not all(index in self for index in indices):
             return None
         per_example = self._load(indices)
         batch: list[dict[int, torch.Tensor]] = []
         for key, first in per_example[0].items():
             k, layer = (int(part) for part in key.split("."))
-            padded = first.new_zeros((len(indices), width, first.shape[-1]))
+            padded = first.new_zeros((len(indices), widths[k], first.shape[-1]))
             for row, example in enumerate(per_example):
                 padded[row, : example[key].shape[0]] = example[key]
             while len(batch) <= k:
@@ -400,14 +402,18 @@ class CompositionTrainer(Trainer):
 
     def _augment_states(self, calm: CALMForCausalLM, inputs: dict[str, Any], indices: list[int]):
         input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
-        states = self.augment_cache.lookup(indices, input_ids.shape[1], input_ids.device)
+        if inputs.get("augment_inputs") is None:
+            inputs["augment_inputs"] = calm.align(input_ids, attention_mask)
+        # Each augment's own tokens: the anchor's for a shared tokenizer, else its aligned ones.
+        masks = [attention_mask if own is None else own["attention_mask"] for own in inputs["augment_inputs"]]
+        states = self.augment_cache.lookup(indices, [m.shape[1] for m in masks], input_ids.device)
         if states is not None:
             self.augment_cache.hits += 1
             return states
         self.augment_cache.misses += 1
         with self.accelerator.autocast():  # the same precision the augments get inside the forward
-            states = calm.compute_augment_states(input_ids, attention_mask)
-        self.augment_cache.store(indices, attention_mask.sum(dim=1).tolist(), states)
+            states = calm.compute_augment_states(input_ids, attention_mask, inputs["augment_inputs"])
+        self.augment_cache.store(indices, [m.sum(dim=1).tolist() for m in masks], states)
         return states
 
     def training_step(self, model: nn.Module, inputs: dict[str, Any],
@@ -780,7 +786,9 @@ def train(model: nn.Module, tokenizer: PreTrainedTokenizerBase, train_data: Data
     epoch_timer = EpochTimer()
     trainer = CompositionTrainer(
         model=model, args=args, train_dataset=train_set, eval_dataset=eval_set, processing_class=tokenizer,
-        data_collator=PaddingCollator(pad_token_id(tokenizer)), augment_cache=cache,
+        data_collator=PaddingCollator(pad_token_id(tokenizer), aligners=getattr(model, "aligners", None),
+                                      augment_mode=model.config.augment_mode if is_calm else "iterative"),
+        augment_cache=cache,
         exact_match=config.exact_match, max_new_tokens=config.max_new_tokens,
         max_exact_match_examples=config.max_exact_match_examples, on_nan=config.on_nan,
     )
@@ -1099,9 +1107,10 @@ def run_train(args: argparse.Namespace) -> TrainResult:
     eval_set = (prepare_dataset(eval_examples, tokenizer, config, max_length, vocab_size)
                 if eval_examples is not None else None)
     set_seed(config.seed)  # the composition's initial weights follow the seed too
-    model = compose_from_args(args)
+    model = compose_from_args(args, tokenizer)
     run_info = {
         "model": {"anchor": args.anchor, "augments": list(args.augment), "tokenizer": tokenizer_name,
+                  **({"augment_tokenizer": list(args.augment_tokenizer)} if args.augment_tokenizer else {}),
                   "dtype": args.dtype, "connections": model.config.connections,
                   **{key: getattr(model.config, key) for key in OPTIONS}},
         "data": {"train": [str(p) for p in args.train_data], "eval": [str(p) for p in args.eval_data or []]},
