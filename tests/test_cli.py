@@ -137,3 +137,27 @@ def test_eval_on_a_bad_data_file_names_the_line(composition, assets, tmp_path, c
 
 def test_version_is_exposed():
     assert calm.__version__
+
+
+def test_a_composition_across_tokenizers_from_compose_to_generate(tmp_path, capsys):
+    """`--augment-tokenizer` through compose, train, eval and generate; the trained run keeps both tokenizers,
+    so eval and generate need neither flag."""
+    assets = make_assets(tmp_path, num_examples=8, augment_tokenizer=True)
+    bases = ["--anchor", str(assets["anchor"]), "--augment", str(assets["augment"])]
+    assert main(["compose", *bases]) == 2
+    assert "--augment-tokenizer, once per --augment" in capsys.readouterr().err
+    own = ["--tokenizer", str(assets["tokenizer"]), "--augment-tokenizer", str(assets["augment_tokenizer"])]
+    assert main(["compose", *bases, *own, "--augment-tokenizer", str(assets["augment_tokenizer"])]) == 2
+    assert "--augment-tokenizer is given 2 time(s) for 1 --augment" in capsys.readouterr().err
+    assert main(["compose", *bases, *own, "--num-connections", "1"]) == 0
+    run = tmp_path / "run"
+    assert main(["train", *bases, *own, "--train-data", str(assets["train"]), "--max-steps", "2",
+                 "--batch-size", "4", "--no-progress-bar", "--output-dir", str(run)]) == 0
+    assert (run / "augment_tokenizer_0" / "tokenizer.json").is_file()
+    capsys.readouterr()
+    assert main(["eval", "--composition", str(run), "--data", str(assets["eval"]), "--max-new-tokens", "4"]) == 0
+    assert json.loads(capsys.readouterr().out)["examples"] == 4
+    assert main(["generate", "--composition", str(run), "--prompt", "12+7=", "--max-new-tokens", "4"]) == 0
+    assert main(["generate", "--composition", str(run), "--augment-tokenizer", str(assets["tokenizer"]),
+                 "--prompt", "12+7="]) == 2
+    assert "is not the tokenizer this composition was trained with" in capsys.readouterr().err

@@ -82,6 +82,41 @@ def test_same_tokenizer_is_decided_by_content_not_size():
     changed = tf.PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(spec)),
                                          eos_token=smol.eos_token, pad_token=smol.pad_token)
     assert len(changed) == len(smol) and not same_tokenizer(smol, changed)
+    # Which token pads is not part of what a tokenizer is.
+    padded = tf.AutoTokenizer.from_pretrained(smol.name_or_path)
+    padded.pad_token = padded.bos_token
+    assert padded.pad_token_id != smol.pad_token_id and same_tokenizer(smol, padded)
+
+
+def prefixed_variant(scheme: str) -> tf.PreTrainedTokenizerFast:
+    """Gemma-3's tokenizer made to add a leading "▁" to every text, as Llama-2 and Mistral tokenizers do: with a
+    Prepend normaliser ("normalizer"), or a Metaspace pre-tokeniser with prepend_scheme="first" ("metaspace")."""
+    import json
+
+    from tokenizers import Tokenizer
+
+    spec = json.loads(real_tokenizer(GEMMA).backend_tokenizer.to_str())
+    if scheme == "normalizer":
+        spec["normalizer"] = {"type": "Sequence", "normalizers": [{"type": "Prepend", "prepend": "▁"},
+                                                                  spec["normalizer"]]}
+    else:
+        spec["normalizer"] = None
+        spec["pre_tokenizer"] = {"type": "Metaspace", "replacement": "▁", "prepend_scheme": "first", "split": False}
+    return tf.PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(spec)), bos_token="<bos>",
+                                      eos_token="<eos>", pad_token="<pad>")
+
+
+@pytest.mark.parametrize("augment_name", [SMOL, GEMMA, CHAR, "normalizer", "metaspace"])
+def test_chunks_read_plain_text_as_the_whole_text_is_read(augment_name):
+    """Chunk by chunk, the augment's tokens of ordinary text are those of the whole text at once, also for
+    tokenizers that prefix every text with a space (the chunks after the first are read as continuations)."""
+    augment_tok = tokenizer(augment_name) if augment_name in (SMOL, GEMMA, CHAR) else prefixed_variant(augment_name)
+    anchor_tok = real_tokenizer(SMOL) if augment_name != SMOL else real_tokenizer(GEMMA)
+    text = "The cat sat on the mat, and then it slept. A dog came by: it barked twice!"
+    ids = anchor_tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    aligner = TokenizerAligner(anchor_tok, augment_tok)
+    read = aligner.align(ids, prompt_lengths=torch.tensor([ids.shape[1]]))["input_ids"][0].tolist()
+    assert read == aligner.prefix + augment_tok(text, add_special_tokens=False)["input_ids"]
 
 
 def test_shared_tokenizer_keeps_the_token_path_and_accepts_a_padded_embedding():
@@ -127,16 +162,19 @@ def test_full_forward_equals_every_prefix_forward(anchor_name, augment_name):
 
 
 @pytest.mark.parametrize("anchor_name,augment_name", [(SMOL, GEMMA), (CHAR, SMOL)])
+@torch.no_grad()
 def test_prompt_mode_prefix_consistency(anchor_name, augment_name):
+    """With the augment reading a prompt of P columns, position t of a full forward equals the last position of
+    a forward over the first t + 1 columns with the same prompt length, inside the prompt and after it."""
     model, tok = composed(anchor_name, augment_name, mode="prompt")
     ids = encode(tok, HARD_TEXT)
-    with torch.no_grad():
-        full = model(input_ids=ids).logits
-        for t in range(ids.shape[1]):
-            # The augment reads the whole prompt; a prefix forward reads its own prompt: equal at the prompt's end.
-            pre = model(input_ids=ids[:, : t + 1]).logits[:, -1]
-            if t == ids.shape[1] - 1:
-                assert (pre - full[:, t]).abs().max() < 1e-4
+    prompt = ids.shape[1] // 2
+    full = model(input_ids=ids, augment_length=prompt).logits
+    for t in range(ids.shape[1]):
+        pre = model(input_ids=ids[:, : t + 1], augment_length=prompt, logits_to_keep=1).logits[:, -1]
+        assert (pre - full[:, t]).abs().max() < 1e-4, f"position {t}"
+    # Past the prompt, the augment's part is fixed: it differs from iterative reading.
+    assert (full[:, -1] - model(input_ids=ids, augment_mode="iterative").logits[:, -1]).abs().max() > 1e-3
 
 
 _prefix_model: dict = {}

@@ -23,10 +23,12 @@ pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_availa
                                 reason="torch.distributed with gloo is not available")
 
 
-def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
-    assets = make_assets(tmp_path, num_examples=16)
+@pytest.mark.parametrize("own_tokenizer", [False, True], ids=["shared-tokenizer", "augment-tokenizer"])
+def test_two_processes_match_one_with_the_same_global_batch(tmp_path, own_tokenizer):
+    assets = make_assets(tmp_path, num_examples=16, augment_tokenizer=own_tokenizer)
     # 16 examples / global batch 4: steps 5-6 are a second epoch, served from the augment-state cache.
     common = ["--anchor", str(assets["anchor"]), "--augment", str(assets["augment"]),
+              *(["--augment-tokenizer", str(assets["augment_tokenizer"])] if own_tokenizer else []),
               "--tokenizer", str(assets["tokenizer"]), "--train-data", str(assets["train"]),
               "--eval-data", str(assets["eval"]), "--max-steps", "6", "--save-steps", "3",
               "--logging-steps", "1", "--learning-rate", "1e-3", "--no-progress-bar", "--seed", "0"]

@@ -49,12 +49,26 @@ def write_jsonl(rows: list[dict], path: Path) -> Path:
     return path
 
 
-def make_assets(root: Path, num_examples: int = 16) -> dict[str, Path]:
-    """Tiny anchor and augment models, the tokenizer and train/eval sets on disk, for `calm train`."""
+def make_assets(root: Path, num_examples: int = 16, augment_tokenizer: bool = False) -> dict[str, Path]:
+    """Tiny anchor and augment models, the tokenizer and train/eval sets on disk, for `calm train`. With
+    `augment_tokenizer`, the augment has a tokenizer of its own (character-level with byte fallback, another
+    vocabulary), saved under "augment_tokenizer"."""
     paths = {"anchor": root / "anchor", "augment": root / "augment", "tokenizer": root / "tokenizer",
              "train": root / "train.jsonl", "eval": root / "eval.jsonl"}
     tiny("llama", 32, 2, 4, seed=0).save_pretrained(paths["anchor"])
-    tiny("qwen2", 16, 2, 2, seed=1).save_pretrained(paths["augment"])
+    if augment_tokenizer:
+        from tokenizer_support import char_tokenizer as byte_fallback_tokenizer
+        from transformers import Qwen2Config, Qwen2ForCausalLM
+
+        own = byte_fallback_tokenizer()
+        paths["augment_tokenizer"] = root / "augment_tokenizer"
+        own.save_pretrained(paths["augment_tokenizer"])
+        config = Qwen2Config(vocab_size=len(own), hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                             num_key_value_heads=1, intermediate_size=32, max_position_embeddings=256,
+                             pad_token_id=own.pad_token_id, eos_token_id=own.eos_token_id)
+        Qwen2ForCausalLM(config).save_pretrained(paths["augment"])
+    else:
+        tiny("qwen2", 16, 2, 2, seed=1).save_pretrained(paths["augment"])
     char_tokenizer().save_pretrained(paths["tokenizer"])
     write_jsonl(sum_examples(num_examples), paths["train"])
     write_jsonl(sum_examples(4, seed=1), paths["eval"])

@@ -72,15 +72,13 @@ def _spec(tokenizer: PreTrainedTokenizerBase, who: str) -> dict[str, Any]:
 
 def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase, who: str = "tokenizer") -> str:
     """sha256 of everything that decides how the tokenizer turns text into ids: vocabulary, merges, normaliser,
-    pre-tokeniser, post-processor, decoder, added and special tokens (not its truncation or padding settings)."""
+    pre-tokeniser, post-processor, decoder, added and special tokens. Not its truncation or padding settings,
+    nor which token it pads with (`tok.pad_token = tok.eos_token` leaves the same tokenizer)."""
     _backend(tokenizer, who)
 
     def compute() -> str:
         spec = _spec(tokenizer, who)
-        canonical = {key: spec.get(key) for key in _ENCODING_FIELDS}
-        canonical["special_ids"] = {name: getattr(tokenizer, f"{name}_token_id", None)
-                                    for name in ("bos", "eos", "pad")}
-        text = json.dumps(canonical, sort_keys=True, ensure_ascii=False)
+        text = json.dumps({key: spec.get(key) for key in _ENCODING_FIELDS}, sort_keys=True, ensure_ascii=False)
         return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
     return _memo(tokenizer, "fingerprint", compute)
@@ -191,7 +189,8 @@ class RowAligner:
     decoder: Any = field(default_factory=lambda: codecs.getincrementaldecoder("utf-8")(errors="replace"))
     tail: str = ""  # characters of the chunk not yet complete
     tail_positions: list[int] = field(default_factory=list)  # per tail character: the anchor position it came at
-    started: bool = False
+    started: bool = False  # the augment's prefix (its BOS) is out
+    chunks: int = 0  # chunks made final so far
 
     def feed(self, token: int, column: int, position: int) -> list[Slot]:
         """The augment tokens that anchor token `token` (at `column`, rotary `position`) makes final."""
@@ -206,28 +205,57 @@ class RowAligner:
                 self.tail, self.tail_positions = "", []
             self.tail += char
             self.tail_positions.append(position)
-        return slots + self.aligner.chunk_slots(chunks, column)
+        return slots + self._final(chunks, column)
 
     def flush(self, column: int) -> list[Slot]:
         """Make the unfinished chunk final (the text is complete, e.g. at the end of a prompt the augment reads
         on its own); visible from `column` on."""
         chunks = [(self.tail, self.tail_positions)] if self.tail else []
         self.tail, self.tail_positions = "", []
-        return self.aligner.chunk_slots(chunks, column)
+        return self._final(chunks, column)
+
+    def _final(self, chunks: list[tuple[str, list[int]]], column: int) -> list[Slot]:
+        slots = self.aligner.chunk_slots(chunks, column, first=self.chunks == 0)
+        self.chunks += len(chunks)
+        return slots
 
     def copy(self) -> RowAligner:
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         decoder.setstate(self.decoder.getstate())
-        return RowAligner(self.aligner, decoder, self.tail, list(self.tail_positions), self.started)
+        return RowAligner(self.aligner, decoder, self.tail, list(self.tail_positions), self.started, self.chunks)
 
 
-def _reader(tokenizer: PreTrainedTokenizerBase) -> Tokenizer:
-    """A private copy of the augment's tokenizer that reads special-token strings in the text as plain text."""
-    backend = Tokenizer.from_str(_backend(tokenizer, "augment_tokenizer").to_str())
+def _reader(tokenizer: PreTrainedTokenizerBase, continuation: bool) -> Tokenizer:
+    """A private copy of the augment's tokenizer that reads special-token strings in the text as plain text.
+    With `continuation`, it also adds no prefix space (SentencePiece's dummy prefix, byte-level BPE's
+    `add_prefix_space`): it reads a chunk that continues a text, which the whole text's tokenisation would not
+    have prefixed."""
+    spec = json.loads(json.dumps(_spec(tokenizer, "augment_tokenizer")))  # a deep copy
+    if continuation:
+        spec["normalizer"] = _without_prefix(spec.get("normalizer"))
+        spec["pre_tokenizer"] = _without_prefix(spec.get("pre_tokenizer"))
+    backend = Tokenizer.from_str(json.dumps(spec))
     backend.no_truncation()
     backend.no_padding()
     backend.encode_special_tokens = True
     return backend
+
+
+def _without_prefix(step: dict | None) -> dict | None:
+    """A normaliser or pre-tokeniser spec with its prefix-space rules turned off."""
+    if not step:
+        return step
+    if step["type"] == "Sequence":
+        key = "normalizers" if "normalizers" in step else "pretokenizers"
+        step[key] = [s for s in map(_without_prefix, step[key]) if s is not None]
+        return step
+    if step["type"] == "Prepend":
+        return None
+    if step["type"] == "Metaspace":
+        step["prepend_scheme"], step["add_prefix_space"] = "never", False
+    if step["type"] == "ByteLevel":
+        step["add_prefix_space"] = False
+    return step
 
 
 class TokenizerAligner:
@@ -235,7 +263,10 @@ class TokenizerAligner:
 
     def __init__(self, anchor_tokenizer: PreTrainedTokenizerBase, augment_tokenizer: PreTrainedTokenizerBase) -> None:
         self.anchor_bytes = token_bytes(anchor_tokenizer, "tokenizer")
-        self.backend = _memo(augment_tokenizer, "reader", lambda: _reader(augment_tokenizer))
+        # The first chunk of a text is read as a whole text is; the others as its continuation.
+        self.readers = {first: _memo(augment_tokenizer, f"reader-{first}", lambda f=first: _reader(augment_tokenizer,
+                                                                                              continuation=not f))
+                        for first in (True, False)}
         # The augment's own leading special tokens (its BOS), read before any text, as it was trained.
         full = augment_tokenizer("a", add_special_tokens=True)["input_ids"]
         bare = augment_tokenizer("a", add_special_tokens=False)["input_ids"]
@@ -249,11 +280,14 @@ class TokenizerAligner:
     def prefix_slots(self, column: int, position: int) -> list[Slot]:
         return [Slot(token, position, column) for token in self.prefix]
 
-    def chunk_slots(self, chunks: list[tuple[str, list[int]]], column: int) -> list[Slot]:
+    def chunk_slots(self, chunks: list[tuple[str, list[int]]], column: int, first: bool = False) -> list[Slot]:
+        """Slots of complete chunks, visible from `column`; `first`: `chunks[0]` starts the text."""
         if not chunks:
             return []
         slots = []
-        encodings = self.backend.encode_batch([text for text, _ in chunks], add_special_tokens=False)
+        encodings = [] if not first else self.readers[True].encode_batch([chunks[0][0]], add_special_tokens=False)
+        encodings += self.readers[False].encode_batch([text for text, _ in chunks[len(encodings):]],
+                                                      add_special_tokens=False)
         for (_, positions), encoding in zip(chunks, encodings):
             for token, (_, end) in zip(encoding.ids, encoding.offsets):
                 slots.append(Slot(token, positions[min(max(end, 1), len(positions)) - 1], column))

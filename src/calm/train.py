@@ -402,8 +402,8 @@ class CompositionTrainer(Trainer):
 
     def _augment_states(self, calm: CALMForCausalLM, inputs: dict[str, Any], indices: list[int]):
         input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
-        if inputs.get("augment_inputs") is None:
-            inputs["augment_inputs"] = calm.align(input_ids, attention_mask)
+        if inputs.get("augment_inputs") is None:  # a collator of its own: align here, as the forward would
+            inputs["augment_inputs"] = calm.align(input_ids, attention_mask, inputs.get("augment_length"))
         # Each augment's own tokens: the anchor's for a shared tokenizer, else its aligned ones.
         masks = [attention_mask if own is None else own["attention_mask"] for own in inputs["augment_inputs"]]
         states = self.augment_cache.lookup(indices, [m.shape[1] for m in masks], input_ids.device)
