@@ -346,7 +346,7 @@ def test_the_lag_is_the_unfinished_word():
     lag = lags(anchor_tok, augment_tok, english)
     longest_word = max(len(w) for w in english.replace(",", " ").replace(".", " ").split())
     assert max(lag) <= longest_word + 1
-    assert 2 <= sum(lag) / len(lag) <= 6  # measured 3.9 characters on average
+    assert 2 <= sum(lag) / len(lag) <= 6  # measured: 4.2 characters on average, 6 at most
     japanese = "吾輩は猫である名前はまだ無いどこで生れたかとんと見当がつかぬ何でも薄暗いじめじめした所で"
     lag = lags(anchor_tok, augment_tok, japanese)
     assert max(lag) <= MAX_CHUNK_CHARS and max(lag) >= MAX_CHUNK_CHARS // 2
