@@ -29,6 +29,7 @@ import unicodedata
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -264,9 +265,8 @@ class TokenizerAligner:
     def __init__(self, anchor_tokenizer: PreTrainedTokenizerBase, augment_tokenizer: PreTrainedTokenizerBase) -> None:
         self.anchor_bytes = token_bytes(anchor_tokenizer, "tokenizer")
         # The first chunk of a text is read as a whole text is; the others as its continuation.
-        self.readers = {first: _memo(augment_tokenizer, f"reader-{first}", lambda f=first: _reader(augment_tokenizer,
-                                                                                              continuation=not f))
-                        for first in (True, False)}
+        self.readers = {first: _memo(augment_tokenizer, f"reader-{first}",
+                                     partial(_reader, augment_tokenizer, not first)) for first in (True, False)}
         # The augment's own leading special tokens (its BOS), read before any text, as it was trained.
         full = augment_tokenizer("a", add_special_tokens=True)["input_ids"]
         bare = augment_tokenizer("a", add_special_tokens=False)["input_ids"]
