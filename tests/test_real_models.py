@@ -49,7 +49,9 @@ def test_real_pair_generates_exactly_and_without_future_leak(composed):
                          pad_token_id=tok.pad_token_id, return_dict_in_generate=True, output_logits=True)
     assert not torch.equal(model(input_ids=ids).logits, model.anchor(input_ids=ids).logits)  # m_A matters
 
-    # 2. Exact cached generation: the loop that re-runs the whole sequence at every step.
+    # 2. Exact cached generation: the loop that re-runs the whole sequence at every step. In fp32 the anchor alone
+    # already differs by about 1e-4 between its cached steps and full forwards (other matrix shapes, other
+    # summation orders): that floor, measured on the same tokens, bounds the composition's too.
     sequence, worst = ids, 0.0
     for step in range(steps):
         logits = model(input_ids=sequence, use_cache=False, logits_to_keep=1).logits[:, -1]
@@ -57,13 +59,19 @@ def test_real_pair_generates_exactly_and_without_future_leak(composed):
         logits[:, tok.eos_token_id] = float("-inf")
         sequence = torch.cat([sequence, logits.argmax(-1, keepdim=True)], 1)
     assert torch.equal(sequence, out.sequences)
-    assert worst < 1e-4
+    alone = model.anchor(input_ids=sequence).logits
+    cache, anchor_floor = model.anchor(input_ids=ids, use_cache=True).cache, 0.0
+    for t in range(ids.shape[1], sequence.shape[1] - 1):
+        step = model.anchor(input_ids=sequence[:, t : t + 1], cache=cache, use_cache=True)
+        cache = step.cache
+        anchor_floor = max(anchor_floor, (step.logits[:, -1] - alone[:, t]).abs().max().item())
+    assert worst < max(1e-4, 2 * anchor_floor), (worst, anchor_floor)
 
     # 1. Prefix consistency over the prompt and the generated text. The anchor alone already differs by up to
     # ~1e-4 between a full forward and a prefix forward in fp32 (other matrix shapes, other summation orders):
     # that floor, measured here on the same sequence, bounds the composition's too. A leak of future augment
     # tokens would move logits by about the augment's effect, checked above to be far larger.
-    full, alone = model(input_ids=sequence).logits, model.anchor(input_ids=sequence).logits
+    full = model(input_ids=sequence).logits
     assert (full - alone).abs().max() > 0.1
     for t in range(sequence.shape[1]):
         prefix = model(input_ids=sequence[:, : t + 1], logits_to_keep=1).logits[:, -1]
