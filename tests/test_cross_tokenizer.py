@@ -404,3 +404,28 @@ def test_training_with_collator_alignment_and_augment_state_cache(tmp_path):
                       augment_inputs=batch["augment_inputs"]).logits
         computed = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     assert torch.equal(given, computed)
+
+
+@torch.no_grad()
+def test_right_padded_batch_rows_equal_each_row_alone():
+    model, tok = composed(SMOL, GEMMA)
+    tok.padding_side = "right"
+    batch = tok(PROMPTS, return_tensors="pt", padding=True)
+    logits = model(**batch).logits
+    for row, text in enumerate(PROMPTS):
+        alone = model(input_ids=encode(tok, text)).logits[0]
+        assert (logits[row, : alone.shape[0]] - alone).abs().max() < 1e-4
+
+
+def test_the_collator_can_run_in_data_loader_workers():
+    """The aligners travel to worker processes (pickled) and align there as in the main process."""
+    import pickle
+
+    from calm.data import PaddingCollator, tokenize
+
+    model, tok = composed(CHAR, GEMMA)
+    rows = tokenize([{"text": "Workers align too. 日本語。"}, {"text": "Short one"}], tok, 64).rows
+    collator = PaddingCollator(tok.pad_token_id, aligners=model.aligners)
+    copied = pickle.loads(pickle.dumps(collator))
+    here, there = collator(rows)["augment_inputs"][0], copied(rows)["augment_inputs"][0]
+    assert all(torch.equal(here[name], there[name]) for name in here)
