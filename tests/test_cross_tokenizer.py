@@ -139,6 +139,11 @@ def test_different_tokenizers_need_augment_tokenizer():
     with pytest.raises(ValueError, match="do not share a tokenizer; pass the anchor's tokenizer= and the augment's "
                                          "augment_tokenizer="):
         calm.compose(anchor, augment)
+    # Same vocabulary size, but the configs' special token ids tell the tokenizers apart.
+    same_size = model_for(anchor_tok, 16, 2, 1)
+    same_size.config.eos_token_id = anchor_tok.eos_token_id + 1
+    with pytest.raises(ValueError, match=r"augment\[0\] has eos_token_id \d+ against \d+: the models do not share"):
+        calm.compose(anchor, same_size)
     with pytest.raises(ValueError, match="augment_tokenizer is given but tokenizer is not"):
         calm.compose(anchor, augment, augment_tokenizer=augment_tok)
     with pytest.raises(ValueError, match="augment_tokenizer is for one augment, but there are 2"):

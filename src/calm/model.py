@@ -496,8 +496,8 @@ def compose(
     anchor_info = base_info(anchor)
     infos = [base_info(a) for a in augments]
     augment_tokenizers = _augment_tokenizers(augment_tokenizer, augment_tokenizers, len(augments))
-    shares = [_shares_tokenizer(i, anchor_info, info, tokenizer, tok)
-              for i, (info, tok) in enumerate(zip(infos, augment_tokenizers))]
+    shares = [_shares_tokenizer(i, anchor_info, info, tokenizer, tok, _special_ids(anchor), _special_ids(a))
+              for i, (info, tok, a) in enumerate(zip(infos, augment_tokenizers, augments))]
     per_augment = _split_connections(connections, len(augments))
     resolved = [
         resolve_connections(info.num_layers, anchor_info.num_layers, conns, num_connections, every)
@@ -535,14 +535,24 @@ def _augment_tokenizers(one: Any, many: Any, num_augments: int) -> list:
     return list(many)
 
 
-def _shares_tokenizer(i: int, anchor: BaseInfo, augment: BaseInfo, tokenizer: Any, augment_tokenizer: Any) -> bool:
+def _special_ids(model: PreTrainedModel) -> dict[str, int]:
+    config = model.config.get_text_config(decoder=True)
+    ids = {name: getattr(config, f"{name}_token_id", None) for name in ("bos", "eos")}
+    return {name: value for name, value in ids.items() if isinstance(value, int)}
+
+
+def _shares_tokenizer(i: int, anchor: BaseInfo, augment: BaseInfo, tokenizer: Any, augment_tokenizer: Any,
+                      anchor_ids: dict[str, int], augment_ids: dict[str, int]) -> bool:
     """Whether augment i reads the anchor's token ids directly; raise when that cannot be decided or done."""
     if augment_tokenizer is None:
-        if augment.vocab_size != anchor.vocab_size:
+        differ = [f"{name}_token_id {augment_ids[name]} against {anchor_ids[name]}"
+                  for name in anchor_ids.keys() & augment_ids.keys() if anchor_ids[name] != augment_ids[name]]
+        if augment.vocab_size != anchor.vocab_size or differ:
+            what = ", ".join(differ) if differ else f"vocab_size {augment.vocab_size} but the anchor has " \
+                f"{anchor.vocab_size}"
             raise ValueError(
-                f"augment[{i}] has vocab_size {augment.vocab_size} but the anchor has {anchor.vocab_size}: the models "
-                "do not share a tokenizer; pass the anchor's tokenizer= and the augment's augment_tokenizer= "
-                "(augment_tokenizers=[...] with several augments)"
+                f"augment[{i}] has {what}: the models do not share a tokenizer; pass the anchor's tokenizer= and "
+                "the augment's augment_tokenizer= (augment_tokenizers=[...] with several augments)"
             )
         return True
     if tokenizer is None:
