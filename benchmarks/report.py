@@ -411,7 +411,12 @@ def misses(results: dict) -> list[str]:
 
 def main() -> None:
     results = json.loads((HERE / "results.json").read_text())
-    (ROOT / "BENCHMARKS.md").write_text(render(results))
+    page = ROOT / "BENCHMARKS.md"
+    # §8 is written by benchmarks/serving.py between its markers: keep it when the rest is re-rendered.
+    old = page.read_text() if page.is_file() else ""
+    start, end = old.find("<!-- serving:"), old.find("<!-- /serving -->")
+    kept = "\n" + old[start : end + len("<!-- /serving -->")] + "\n" if 0 <= start < end else ""
+    page.write_text(render(results) + kept)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""The `calm` command: compose, train, eval, generate, reproduce, info.
+"""The `calm` command: compose, train, eval, generate, serve, reproduce, info.
 
 Every subcommand takes `--config FILE.yaml` (keys are the flag names with underscores); flags given on the
 command line override the file. Errors print one line and exit non-zero (2: bad arguments, data or files; 1: an
@@ -302,6 +302,35 @@ def cmd_train(args: argparse.Namespace) -> None:
     run_train(args)
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    try:
+        from . import serve
+    except ModuleNotFoundError as e:
+        raise UserError(f"calm serve needs the serve extra ({e.name} is missing): "
+                        "pip install 'calm-compose[serve]'") from None
+    try:
+        serve.check_port(args.host, args.port)  # before the model loads, which can take minutes
+    except OSError as e:
+        raise UserError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
+    chat_template = None
+    if args.chat_template is not None:
+        try:
+            chat_template = Path(args.chat_template).read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"cannot read --chat-template {args.chat_template}: {e}") from None
+    model = load_composition(args)
+    if args.device != "cpu":
+        import torch
+
+        model.to(args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
+    engine = serve.Engine(model, composition_tokenizer(model, args), max_batch_size=args.max_batch_size,
+                          batch_window=args.batch_window_ms / 1000, chat_template=chat_template,
+                          augment_mode=args.augment_mode)
+    name = args.model_name or Path(args.composition).resolve().name
+    serve.run(serve.create_app(engine, name), host=args.host, port=args.port, log_level=args.log_level,
+              shutdown_timeout=args.shutdown_timeout)
+
+
 def cmd_reproduce(args: argparse.Namespace) -> None:
     from .experiments.kv_reproduce import run_from_args
 
@@ -345,6 +374,23 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             sub.add_argument("--data", required=True, type=Path, help="JSONL of {prompt, completion}")
             sub.add_argument("--batch-size", type=_positive_int, default=32)
+
+    sub = command("serve", cmd_serve, "serve a composition over an OpenAI-compatible HTTP API")
+    sub.add_argument("--composition", required=True, help="directory written by save_pretrained / calm train")
+    add_base_arguments(sub, required=False)
+    sub.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    sub.add_argument("--port", type=_bounded(int, 1, 65535), default=8000)
+    sub.add_argument("--model-name", default=None, help="the model id clients send (default: the directory's name)")
+    sub.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
+    sub.add_argument("--augment-mode", default=None, choices=["iterative", "prompt"])
+    sub.add_argument("--chat-template", default=None, help="Jinja chat template file (default: the tokenizer's)")
+    sub.add_argument("--max-batch-size", type=_positive_int, default=32, help="most sequences decoded together")
+    sub.add_argument("--batch-window-ms", type=_bounded(float, 0.0), default=10.0,
+                     help="a new batch keeps taking requests while each arrives within this many ms of the one "
+                          "before (for at most 5 such windows)")
+    sub.add_argument("--shutdown-timeout", type=_bounded(float, 0.0), default=5.0,
+                     help="seconds in-flight requests get to finish after Ctrl-C / SIGTERM")
+    sub.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
     sub = command("train", cmd_train, "train a composition on JSONL data")
     from .train import add_train_arguments
