@@ -546,10 +546,10 @@ def _shares_tokenizer(i: int, anchor: BaseInfo, augment: BaseInfo, tokenizer: An
     """Whether augment i reads the anchor's token ids directly; raise when that cannot be decided or done."""
     if augment_tokenizer is None:
         differ = [f"{name}_token_id {augment_ids[name]} against {anchor_ids[name]}"
-                  for name in anchor_ids.keys() & augment_ids.keys() if anchor_ids[name] != augment_ids[name]]
+                  for name in sorted(anchor_ids.keys() & augment_ids.keys()) if anchor_ids[name] != augment_ids[name]]
         if augment.vocab_size != anchor.vocab_size or differ:
-            what = ", ".join(differ) if differ else f"vocab_size {augment.vocab_size} but the anchor has " \
-                f"{anchor.vocab_size}"
+            what = ", ".join(differ) if augment.vocab_size == anchor.vocab_size else \
+                f"vocab_size {augment.vocab_size} but the anchor has {anchor.vocab_size}"
             raise ValueError(
                 f"augment[{i}] has {what}: the models do not share a tokenizer; pass the anchor's tokenizer= and "
                 "the augment's augment_tokenizer= (augment_tokenizers=[...] with several augments)"
