@@ -3,28 +3,19 @@ Gemma-3 270M (SentencePiece, 262k) as the augment, both from the GGUF packages o
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 import transformers as tf
-from tokenizer_support import real_tokenizer
+from tokenizer_support import packaged_or_skip, real_tokenizer
 
 import calm
-from calm.packaged import from_pretrained_kwargs
 
 pytestmark = pytest.mark.slow
 PROMPT = "Translate to English: 今日はとても良い天気ですね。散歩に行きましょう。\nEnglish:"
 
 
 def load(name: str) -> tf.PreTrainedModel:
-    try:
-        kwargs = from_pretrained_kwargs(name)
-    except ModuleNotFoundError as e:
-        if os.environ.get("CI"):
-            raise
-        pytest.skip(str(e))
-    return tf.AutoModelForCausalLM.from_pretrained(**kwargs, dtype=torch.float32).eval()
+    return tf.AutoModelForCausalLM.from_pretrained(**packaged_or_skip(name), dtype=torch.float32).eval()
 
 
 @pytest.fixture(scope="module")

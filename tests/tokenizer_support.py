@@ -27,20 +27,23 @@ def char_tokenizer() -> tf.PreTrainedTokenizerFast:
                                       bos_token="<s>")
 
 
+def packaged_or_skip(name: str) -> dict[str, str]:
+    """`from_pretrained` arguments of packaged GGUF model `name`. Skips (outside CI) when its package is not
+    installed; in CI its absence fails the test."""
+    from calm.packaged import from_pretrained_kwargs
+
+    try:
+        return from_pretrained_kwargs(name)
+    except ModuleNotFoundError as e:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip(str(e))
+
+
 @cache
 def real_tokenizer(name: str) -> tf.PreTrainedTokenizerBase:
-    """A real tokenizer from a packaged GGUF model, converted once and kept under ~/.cache/calm-tests. Skips
-    (outside CI) when the package is not installed; in CI its absence fails the test."""
-    from calm.packaged import gguf_file
-
+    """A real tokenizer from a packaged GGUF model, converted once and kept under ~/.cache/calm-tests."""
     saved = CACHE / f"{name}-tokenizer"
     if not (saved / "tokenizer.json").is_file():
-        try:
-            path = gguf_file(name)
-        except ModuleNotFoundError as e:
-            if os.environ.get("CI"):
-                raise
-            pytest.skip(str(e))
-        tokenizer = tf.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-        tokenizer.save_pretrained(saved)
+        tf.AutoTokenizer.from_pretrained(**packaged_or_skip(name)).save_pretrained(saved)
     return tf.AutoTokenizer.from_pretrained(saved)
