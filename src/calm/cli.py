@@ -156,10 +156,8 @@ def compose_from_args(args: argparse.Namespace, tokenizer: Any = None):
                             augment_dropout=args.augment_dropout, augment_norm=args.augment_norm,
                             tokenizer=tokenizer if augment_tokenizers is not None else None,
                             augment_tokenizers=augment_tokenizers)
-    except ValueError as e:
-        if "do not share a tokenizer" in str(e):
-            raise UserError(f"{e} (on the command line: --augment-tokenizer, once per --augment)") from None
-        raise
+    except calm.model.TokenizerMismatchError as e:
+        raise UserError(f"{e} (on the command line: --augment-tokenizer, once per --augment)") from None
 
 
 def load_composition(args: argparse.Namespace):

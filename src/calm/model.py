@@ -19,6 +19,10 @@ from .config import AUGMENT_MODES, CALMConfig, resolve_connections
 from .layers import CrossAttention
 
 
+class TokenizerMismatchError(ValueError):
+    """The models do not share a tokenizer, and the augment's was not given."""
+
+
 class _StopAugment(Exception):
     """Raised after an augment's deepest tapped block: its later blocks, norm and LM head are never run."""
 
@@ -550,7 +554,7 @@ def _shares_tokenizer(i: int, anchor: BaseInfo, augment: BaseInfo, tokenizer: An
         if augment.vocab_size != anchor.vocab_size or differ:
             what = ", ".join(differ) if augment.vocab_size == anchor.vocab_size else \
                 f"vocab_size {augment.vocab_size} but the anchor has {anchor.vocab_size}"
-            raise ValueError(
+            raise TokenizerMismatchError(
                 f"augment[{i}] has {what}: the models do not share a tokenizer; pass the anchor's tokenizer= and "
                 "the augment's augment_tokenizer= (augment_tokenizers=[...] with several augments)"
             )
