@@ -55,7 +55,7 @@ SHAPES = {"small": (4, 256), "reference": (8, 128), "tiny": (8, 128)}
 
 def load_tokenizer(name: str):
     """The tokenizers of the cross-tokenizer tests (tests/tokenizer_support.py): real ones are converted once from
-    the installed GGUF packages and cached on disk under ~/.cache/calm-tests."""
+    the installed GGUF packages and cached on disk by `calm.packaged` (~/.cache/calm)."""
     if str(TESTS) not in sys.path:
         sys.path.insert(0, str(TESTS))
     import pytest

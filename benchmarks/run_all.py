@@ -2,7 +2,8 @@
 
     .venv/bin/python benchmarks/run_all.py [--threads 1] [--only SECTION ...]
 
-Repeats are set so that the whole run stays near 20 minutes on 2 cores (the small pair's steps take seconds).
+Repeats are set so that the whole run stays near 20 minutes on 2 cores (the small pair's steps take seconds), plus
+about 6 for real_models (§9: real SmolLM2 + Gemma-3, whose steps take 6 s).
 `--only cross_tokenizer` (for instance) runs just those sections and merges them into the existing
 benchmarks/results.json, keeping the other sections' figures, then re-renders BENCHMARKS.md.
 """
@@ -18,6 +19,7 @@ import common
 import cross_tokenizer
 import generation
 import memory
+import real_models
 import report
 import scaling
 import torch
@@ -37,6 +39,7 @@ PLAN = [
     ("cross_tokenizer", "tiny", cross_tokenizer.main, ["--repeats", "15", "--gen-repeats", "5"]),
     ("cross_tokenizer", "small", cross_tokenizer.main,
      ["--tokenizers", "char+gemma", "--repeats", "5", "--gen-repeats", "3"]),
+    ("real_models", real_models.KEY, real_models.main, ["--repeats", "7", "--gen-repeats", "3"]),  # real bases
 ]
 SECTIONS = sorted({section for section, *_ in PLAN})
 
@@ -69,7 +72,8 @@ def main() -> None:
             continue
         print(f"== {section} / {pair} {' '.join(argv)}", flush=True)
         begin = time.perf_counter()
-        result = run(["--pair", pair, "--threads", str(args.threads), "--clock", common.clock, *argv])
+        pair_args = ["--pair", pair] if pair in common.PAIRS else []  # real_models: its own two models
+        result = run([*pair_args, "--threads", str(args.threads), "--clock", common.clock, *argv])
         key = result.get("key", pair)
         results.setdefault(section, {})[key] = result
         results["seconds"][f"{section}/{key}"] = round(time.perf_counter() - begin, 1)
@@ -87,7 +91,7 @@ def main() -> None:
         results["minutes"] = minutes
         results.pop("partial_runs", None)
     (report.HERE / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
-    (report.ROOT / "BENCHMARKS.md").write_text(report.render(results))
+    report.write_page(results)
     print(f"wrote BENCHMARKS.md and benchmarks/results.json in {minutes:.1f} min")
 
 

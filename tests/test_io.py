@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import os
 
 import pytest
 import torch
@@ -160,3 +161,14 @@ def test_save_uses_a_given_full_state_dict(tmp_path, pair):
     saved = load_file(tmp_path / WEIGHTS_NAME)
     assert set(saved) == set(model.composition.state_dict())
     assert all(torch.equal(v, torch.full_like(v, 0.5)) for v in saved.values())
+
+
+def test_saved_files_get_the_usual_mode(tmp_path, pair):
+    """Files are readable by others as `open()` would make them (0644 under umask 022), not mkstemp's 0600."""
+    old = os.umask(0o022)
+    try:
+        calm.compose(*pair, num_connections=1).save_pretrained(tmp_path)
+    finally:
+        os.umask(old)
+    for name in (CONFIG_NAME, WEIGHTS_NAME):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o644, name

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-import transformers as tf
-from tokenizer_support import packaged_or_skip, real_tokenizer
+from tokenizer_support import real_model, real_tokenizer
 
 import calm
 
@@ -14,14 +13,10 @@ pytestmark = pytest.mark.slow
 PROMPT = "Translate to English: 今日はとても良い天気ですね。散歩に行きましょう。\nEnglish:"
 
 
-def load(name: str) -> tf.PreTrainedModel:
-    return tf.AutoModelForCausalLM.from_pretrained(**packaged_or_skip(name), dtype=torch.float32).eval()
-
-
 @pytest.fixture(scope="module")
 def composed():
     anchor_tok, augment_tok = real_tokenizer("smollm2-135m-instruct"), real_tokenizer("gemma-3-270m")
-    model = calm.compose(load("smollm2-135m-instruct"), load("gemma-3-270m"), tokenizer=anchor_tok,
+    model = calm.compose(real_model("smollm2-135m-instruct"), real_model("gemma-3-270m"), tokenizer=anchor_tok,
                          augment_tokenizer=augment_tok, connections=[(5, 19), (11, 29)])
     torch.manual_seed(0)
     with torch.no_grad():  # trained-looking weights, so that the augment really changes the anchor's logits

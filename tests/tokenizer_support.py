@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import os
 from functools import cache
-from pathlib import Path
 
 import pytest
 import transformers as tf
 from tokenizers import Tokenizer, decoders, models
 
-CACHE = Path(os.environ.get("CALM_TEST_CACHE", Path.home() / ".cache" / "calm-tests"))
 REAL = ("smollm2-135m-instruct", "gemma-3-270m")
 
 
@@ -42,8 +40,16 @@ def packaged_or_skip(name: str) -> dict[str, str]:
 
 @cache
 def real_tokenizer(name: str) -> tf.PreTrainedTokenizerBase:
-    """A real tokenizer from a packaged GGUF model, converted once and kept under ~/.cache/calm-tests."""
-    saved = CACHE / f"{name}-tokenizer"
-    if not (saved / "tokenizer.json").is_file():
-        tf.AutoTokenizer.from_pretrained(**packaged_or_skip(name)).save_pretrained(saved)
-    return tf.AutoTokenizer.from_pretrained(saved)
+    """A real tokenizer from a packaged GGUF model (converted once by `calm.packaged`, kept in its cache)."""
+    from calm.packaged import load_tokenizer
+
+    packaged_or_skip(name)
+    return load_tokenizer(name)
+
+
+def real_model(name: str) -> tf.PreTrainedModel:
+    """A real packaged model in float32 (dequantised once by `calm.packaged`, kept in its cache)."""
+    from calm.packaged import load_model
+
+    packaged_or_skip(name)
+    return load_model(name)

@@ -330,8 +330,14 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 
 def cmd_reproduce(args: argparse.Namespace) -> None:
-    from .experiments.kv_reproduce import run_from_args
+    if args.experiment == "translation":
+        if args.ablations:
+            raise UserError("--ablations is for kv-arithmetic: the translation reproduction always runs every row")
+        from .experiments.translation import run_from_args
+    else:
+        from .experiments.kv_reproduce import run_from_args
 
+        args.output_dir = args.output_dir or Path("results/kv_arithmetic")
     run_from_args(args)
 
 
@@ -396,8 +402,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_arguments(sub)
 
     sub = command("reproduce", cmd_reproduce, "reproduce a result of the paper")
-    sub.add_argument("experiment", choices=["kv-arithmetic"], help="which result (the paper's Table 1)")
-    sub.add_argument("--quick", action="store_true", help="tiny sizes: the whole pipeline in about 2 minutes")
+    sub.add_argument("experiment", choices=["kv-arithmetic", "translation"],
+                     help="which result: kv-arithmetic (the paper's Table 1, models built here) or translation "
+                          "(its Tables 2 and 5 shape, on real pretrained models; needs the `real` extra)")
+    sub.add_argument("--quick", action="store_true", help="tiny sizes: the whole pipeline in a few minutes")
     sub.add_argument("--ablations", action="store_true",
                      help="also train CALM on the issue's D_C (with KV-Substitution), from scratch and from the "
                           "trained CALM, and the vanilla/random m_A and prompt-mode rows")
@@ -406,8 +414,19 @@ def build_parser() -> argparse.ArgumentParser:
                      help="torch CPU threads (0: one per core; 1 lets two seeds run side by side)")
     sub.add_argument("--summarize", nargs="+", type=Path, metavar="RUN_DIR", default=None,
                      help="train nothing: combine finished runs (e.g. one per seed) into mean ± std in --output-dir")
-    sub.add_argument("--output-dir", type=Path, default=Path("results/kv_arithmetic"),
-                     help="where results.md, results.json and the plots go")
+    sub.add_argument("--output-dir", type=Path, default=None,
+                     help="where results.md, results.json and the plots go (default: results/<experiment>)")
+    group = sub.add_argument_group("translation only (defaults: calm.experiments.translation.TranslationSpec)")
+    group.add_argument("--language", default=None, choices=["uk", "ja"], help="source language (default uk)")
+    group.add_argument("--anchor", default=None, help="m_B: a packaged name, .gguf file, Hub name or local path")
+    group.add_argument("--augment", default=None, help="m_A, as --anchor")
+    group.add_argument("--eval-split", default=None, choices=["validation", "test"],
+                       help="validation while choosing a recipe, test (the default) to report")
+    group.add_argument("--eval-size", type=_positive_int, default=None, help="verses evaluated")
+    group.add_argument("--train-size", type=_positive_int, default=None, help="D_C verses")
+    group.add_argument("--steps", type=_positive_int, default=None, help="optimizer steps of every trained row")
+    group.add_argument("--trained-only", action="store_true",
+                       help="skip the untrained rows (greedy decoding makes them the same for every seed)")
     return parser
 
 

@@ -50,11 +50,19 @@ def _write_atomically(directory: Path, writers: Mapping[str, Callable[[str], Non
             fd, temps[name] = tempfile.mkstemp(dir=directory, prefix=f".{name}.")
             os.close(fd)
             write(temps[name])
+            os.chmod(temps[name], _new_file_mode())  # mkstemp's 0600 would keep the file from everyone else
         for name, tmp in temps.items():
             os.replace(tmp, directory / name)
     finally:
         for tmp in temps.values():
             Path(tmp).unlink(missing_ok=True)
+
+
+def _new_file_mode() -> int:
+    """The mode `open()` gives a new file: 0666 under the process's umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def _sha256(path: str | os.PathLike) -> str:

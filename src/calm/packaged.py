@@ -5,7 +5,12 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
+import shutil
 from pathlib import Path
+from typing import Any
+
+import torch
 
 # name -> (package, how to get the file's path, what to install)
 PACKAGED = {
@@ -33,3 +38,53 @@ def from_pretrained_kwargs(name: str) -> dict[str, str]:
     """`from_pretrained` arguments for packaged model `name`: {"pretrained_model_name_or_path", "gguf_file"}."""
     path = gguf_file(name)
     return {"pretrained_model_name_or_path": str(path.parent), "gguf_file": path.name}
+
+
+def cache_dir() -> Path:
+    """Where converted packaged models are kept: $CALM_CACHE, else ~/.cache/calm."""
+    return Path(os.environ.get("CALM_CACHE", Path.home() / ".cache" / "calm"))
+
+
+def _converted(name: str) -> Path:
+    """Packaged model `name` dequantised once into safetensors (with its tokenizer converted) under
+    `cache_dir()`, keyed by the GGUF file's size and the transformers version: later loads take seconds, not the
+    minute dequantising takes."""
+    import transformers
+
+    gguf = gguf_file(name)
+    target = cache_dir() / f"{name}-{gguf.stat().st_size}-tf{transformers.__version__}"
+    if not (target / "config.json").is_file():
+        kwargs = from_pretrained_kwargs(name)
+        staging = target.with_name(target.name + f".tmp{os.getpid()}")
+        model = transformers.AutoModelForCausalLM.from_pretrained(**kwargs, dtype=torch.float32)
+        model.hf_quantizer = None  # the weights are dequantised: plain float32 tensors, saved as such
+        model.config.__dict__.pop("quantization_config", None)
+        model.save_pretrained(staging)
+        transformers.AutoTokenizer.from_pretrained(**kwargs).save_pretrained(staging)
+        shutil.rmtree(target, ignore_errors=True)
+        staging.rename(target)
+    return target
+
+
+def resolve(name: str) -> dict[str, str]:
+    """`from_pretrained` arguments for `name`: a packaged model (see `PACKAGED`), a .gguf file, or anything
+    transformers takes itself (a Hub name or a local directory)."""
+    if name in PACKAGED:
+        return {"pretrained_model_name_or_path": str(_converted(name))}
+    if name.endswith(".gguf") and Path(name).is_file():
+        return {"pretrained_model_name_or_path": str(Path(name).parent), "gguf_file": Path(name).name}
+    return {"pretrained_model_name_or_path": name}
+
+
+def load_model(name: str, dtype: torch.dtype = torch.float32, **kwargs: Any):
+    """A causal LM by packaged name, .gguf file, Hub name or local path (see `resolve`), in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(**resolve(name), dtype=dtype, **kwargs).eval()
+
+
+def load_tokenizer(name: str, **kwargs: Any):
+    """The tokenizer of `name` (see `resolve`)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(**resolve(name), **kwargs)

