@@ -127,7 +127,7 @@ def test_draws_spec_changes_are_checked_json():
     changed = with_changes(CompositionSpec(), ["weight_decay=0.5", "connections=[[0, 1]]", "rope_theta=null"])
     assert (changed.weight_decay, changed.connections, changed.rope_theta) == (0.5, [[0, 1]], None)
     for bad, message in (("heads=4", "FIELD one of"), ("num_heads", "FIELD one of"), ("lr=1e", "not JSON")):
-        with pytest.raises(SystemExit, match=message):
+        with pytest.raises(ValueError, match=message):
             with_changes(CompositionSpec(), [bad])
 
 

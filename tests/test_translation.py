@@ -67,12 +67,16 @@ def test_prompts():
         task.split([pair], "dev")
 
 
-def test_english_prose_is_prose():
-    paragraphs = task.english_prose()
-    assert len(paragraphs) >= 10 and sum(map(len, paragraphs)) > 5000
-    for p in paragraphs:
-        assert len(p) >= 200 and "http" not in p and "```" not in p
-    assert task.english_prose(2) == paragraphs[:2]
+def test_english_prose_is_prose_and_split():
+    validation, test = task.english_prose("validation"), task.english_prose("test")
+    for paragraphs in (validation, test):
+        assert len(paragraphs) >= 10 and sum(map(len, paragraphs)) > 5000
+        for p in paragraphs:
+            assert len(p) >= 200 and "http" not in p and "```" not in p
+    assert not set(validation) & set(test)
+    assert task.english_prose("test", 2) == test[:2]
+    with pytest.raises(ValueError, match="split='train'"):
+        task.english_prose("train")
 
 
 def fake_result(seed: int, calm_chrf: float) -> exp.TranslationResult:
@@ -183,3 +187,21 @@ def test_local_directory_loads(tmp_path):
     tf.LlamaForCausalLM(config).save_pretrained(tmp_path)
     model = load_model(str(tmp_path))
     assert isinstance(model, tf.LlamaForCausalLM) and not model.training
+
+
+def test_spec_flags_and_rows(tmp_path):
+    from calm.cli import build_parser
+
+    args = build_parser().parse_args(["reproduce", "translation", "--steps", "7", "--spec", "lr=0.003",
+                                      "connections=[[3, 22], [15, 29]]"])
+    spec = exp.spec_from_args(args)
+    assert (spec.steps, spec.lr, spec.connections, spec.eval_split) == (7, 0.003, [[3, 22], [15, 29]], "test")
+    assert exp.spec_from_args(build_parser().parse_args(["reproduce", "translation", "--quick"])).eval_split == \
+        "validation"
+    for bad, message in (("lr", "expected FIELD=JSON"), ("rate=1", "expected FIELD=JSON"),
+                         ("lr=fast", "not JSON")):
+        args = build_parser().parse_args(["reproduce", "translation", "--spec", bad])
+        with pytest.raises(ValueError, match=message):
+            exp.spec_from_args(args)
+    with pytest.raises(ValueError, match="unknown row"):
+        exp.reproduce(tmp_path, exp.TranslationSpec(), rows=("CALM", "GPT-4"))

@@ -427,6 +427,10 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--steps", type=_positive_int, default=None, help="optimizer steps of every trained row")
     group.add_argument("--trained-only", action="store_true",
                        help="skip the untrained rows (greedy decoding makes them the same for every seed)")
+    group.add_argument("--rows", nargs="+", default=None, metavar="ROW",
+                       help='run only these rows, by name (e.g. "CALM" "m_A, few-shot")')
+    group.add_argument("--spec", nargs="+", default=None, metavar="FIELD=JSON",
+                       help="change any TranslationSpec field, e.g. lr=0.003 'connections=[[3,22],[15,29]]'")
     return parser
 
 

@@ -14,13 +14,14 @@ from __future__ import annotations
 import argparse
 import json
 from collections.abc import Sequence
-from dataclasses import asdict, fields, replace
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import torch
 from transformers import PreTrainedTokenizerFast, TrainerCallback, set_seed
 
 from calm.config import LATER_OPTIONS
+from calm.experiments import with_changes
 from calm.experiments.kv_arithmetic import ExperimentConfig, evaluate_models, load_eval_sets, load_frozen
 from calm.experiments.kv_reproduce import CompositionSpec, compose, train_on_d_c
 from calm.tasks.kv_arithmetic import read_jsonl
@@ -50,21 +51,6 @@ def run_spec(run_dir: Path) -> CompositionSpec:
     # A field the run lacks is an option it predates: rebuild it as it was made, as a saved composition is.
     made_without = {k: v for k, v in LATER_OPTIONS.items() if k in {f.name for f in fields(CompositionSpec)}}
     return CompositionSpec(**made_without | saved)
-
-
-def with_changes(spec: CompositionSpec, changes: Sequence[str]) -> CompositionSpec:
-    """`spec` with each `FIELD=JSON` in `changes` applied (`num_heads=32`, `connections=[[-1,-1]]`)."""
-    known = {f.name for f in fields(CompositionSpec)}
-    values = {}
-    for change in changes:
-        name, sep, text = change.partition("=")
-        if not sep or name not in known:
-            raise SystemExit(f"--spec {change!r}: expected FIELD=JSON with FIELD one of {sorted(known)}")
-        try:
-            values[name] = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise SystemExit(f"--spec {change!r}: the value is not JSON ({e.msg})") from None
-    return replace(spec, **values)
 
 
 def draws(run_dir: Path, seeds: Sequence[int], every: int = 500, examples: int = 150,
@@ -113,7 +99,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    spec = with_changes(run_spec(args.run_dir), args.spec)
+    try:
+        spec = with_changes(run_spec(args.run_dir), args.spec)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     records = draws(args.run_dir, args.seeds, args.every, args.examples, spec)
     (args.run_dir / "draws" / "draws.json").write_text(json.dumps({"spec": asdict(spec), "draws": records}, indent=2))
     print(markdown(records))

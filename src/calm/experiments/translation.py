@@ -21,6 +21,7 @@ import json
 import math
 import os
 import platform
+import re
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
@@ -34,6 +35,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 import calm
 from calm.data import encode_prompts, pad_token_id
 from calm.eval import mean_loss
+from calm.experiments import with_changes
 from calm.packaged import load_model, load_tokenizer
 from calm.tasks import translation as task
 from calm.train import METRICS_FILE, TrainConfig, read_metrics, train
@@ -41,6 +43,7 @@ from calm.train import METRICS_FILE, TrainConfig, read_metrics, train
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 TRAINED_ROWS = ("CALM", "m_B + LoRA", "m_B fine-tuned", "CALM, m_A on prompt only", "CALM, random m_A")
 UNTRAINED_ROWS = ("m_B, zero-shot", "m_B, few-shot", "m_A, few-shot")
+ROWS = (*UNTRAINED_ROWS, *TRAINED_ROWS)
 EXAMPLE_ROWS = ("m_B, few-shot", "m_A, few-shot", "m_B + LoRA", "CALM")
 NUM_EXAMPLES = 6
 
@@ -69,7 +72,7 @@ class TranslationSpec:
     shots: int = 3  # worked examples in the few-shot prompts (fixed D_C verses)
     max_new_tokens: int = 96
     eval_batch_size: int = 16
-    perplexity_paragraphs: int = 0  # 0: all of `task.english_prose()`
+    perplexity_paragraphs: int = 0  # 0: all of `task.english_prose(eval_split)`
 
     @classmethod
     def quick(cls, **overrides: Any) -> TranslationSpec:
@@ -209,8 +212,9 @@ def chat_prompt(tokenizer, source: str, language: str) -> str:
 
 
 def english_perplexity(model, tokenizer, spec: TranslationSpec) -> float:
-    """Perplexity on held-out English prose (package descriptions, not Bible text), 256-token pieces."""
-    prose = task.english_prose(spec.perplexity_paragraphs)
+    """Perplexity on held-out English prose (package descriptions of the evaluation split, not Bible text),
+    256-token pieces."""
+    prose = task.english_prose(spec.eval_split, spec.perplexity_paragraphs)
     return math.exp(mean_loss(model, tokenizer, [{"text": p} for p in prose], batch_size=8, max_length=256))
 
 
@@ -234,10 +238,12 @@ class TranslationResult:
     settings: dict = field(default_factory=dict)
 
 
-def reproduce(out_dir: Path, spec: TranslationSpec, seed: int = 0, threads: int = 0, trained_only: bool = False,
-              log: Callable[[str], None] = print) -> TranslationResult:
-    """Run every row into `out_dir` and return the result (also written there as it grows). `trained_only` skips
-    the untrained rows, which greedy decoding makes the same for every seed."""
+def reproduce(out_dir: Path, spec: TranslationSpec, seed: int = 0, threads: int = 0,
+              rows: tuple[str, ...] = ROWS, log: Callable[[str], None] = print) -> TranslationResult:
+    """Run `rows` (default: every row) into `out_dir` and return the result, also written there as it grows.
+    Greedy decoding makes the untrained rows the same for every seed: later seeds can leave them out."""
+    if unknown := [r for r in rows if r not in ROWS]:
+        raise ValueError(f"unknown row(s) {unknown}: expected some of {list(ROWS)}")
     torch.set_num_threads(threads or os.cpu_count() or 1)
     start = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -260,16 +266,17 @@ def reproduce(out_dir: Path, spec: TranslationSpec, seed: int = 0, threads: int 
         log(f"{name}: {result.table[name]} ({result.seconds / 60:.1f} min so far)")
 
     result.perplexity["m_B"] = round(english_perplexity(bases.anchor, tok, spec), 3)
-    if not trained_only:
-        few_shot = [task.few_shot_prompt(p, data.shots, spec.language) for p in data.eval]
-        chat = [chat_prompt(tok, s, spec.language) for s in sources]
-        record("m_B, zero-shot", translate(bases.anchor, tok, chat, spec))
-        record("m_B, few-shot", translate(bases.anchor, tok, few_shot, spec))
-        record("m_A, few-shot", translate(bases.augment, bases.augment_tokenizer, few_shot, spec))
+    few_shot = [task.few_shot_prompt(p, data.shots, spec.language) for p in data.eval]
+    untrained = {"m_B, zero-shot": (bases.anchor, tok, [chat_prompt(tok, s, spec.language) for s in sources]),
+                 "m_B, few-shot": (bases.anchor, tok, few_shot),
+                 "m_A, few-shot": (bases.augment, bases.augment_tokenizer, few_shot)}
+    for name, (model, tokenizer, inputs) in untrained.items():
+        if name in rows:
+            record(name, translate(model, tokenizer, inputs, spec))
 
     prompts = [task.prompt(p, spec.language) for p in data.eval]
     runs_dir = out_dir / "runs"
-    calm_params = trainable_params(compose(bases, spec))
+    calm_params = trainable_params(compose(bases, spec)) if "m_B + LoRA" in rows else 0
     builders: dict[str, tuple[Callable[[], PreTrainedModel], float]] = {
         "CALM": (lambda: compose(bases, spec), spec.lr),
         "m_B + LoRA": (lambda: lora_model(bases.anchor, calm_params)[0], spec.lr),
@@ -278,6 +285,8 @@ def reproduce(out_dir: Path, spec: TranslationSpec, seed: int = 0, threads: int 
         "CALM, random m_A": (lambda: compose(bases, spec, augment=random_augment(bases.augment, seed)), spec.lr),
     }
     for name, (build, lr) in builders.items():
+        if name not in rows:
+            continue
         torch.manual_seed(seed)  # composition and LoRA initialisation
         model = build()
         run = train_on_d_c(model, tok, data, spec, runs_dir / slug(name), lr, seed)
@@ -292,13 +301,13 @@ def reproduce(out_dir: Path, spec: TranslationSpec, seed: int = 0, threads: int 
     result.examples = example_rows(result, data.eval, NUM_EXAMPLES)
     result.seconds = round(time.perf_counter() - start, 1)
     write_report(out_dir, result)
-    plot_learning_curves(out_dir / "learning_curves.png", runs_dir, list(builders))
+    plot_learning_curves(out_dir / "learning_curves.png", runs_dir, [r for r in builders if r in rows])
     plot_by_length(out_dir / "chrf_by_length.png", result)
     return result
 
 
 def slug(name: str) -> str:
-    return "".join(c if c.isalnum() else "_" for c in name.lower()).strip("_").replace("__", "_")
+    return re.sub(r"_+", "_", "".join(c if c.isalnum() else "_" for c in name.lower())).strip("_")
 
 
 def settings(spec: TranslationSpec, data: Data, bases: Bases, threads: int) -> dict:
@@ -473,9 +482,10 @@ def mean_std(values: list[float], digits: int = 1) -> str:
 
 
 def spec_from_args(args: argparse.Namespace) -> TranslationSpec:
-    overrides = {f.name: getattr(args, f.name) for f in fields(TranslationSpec)
-                 if getattr(args, f.name, None) is not None}
-    return TranslationSpec.quick(**overrides) if args.quick else TranslationSpec(**overrides)
+    """The spec the flags describe: `--quick`'s or the default, with the named flags and `--spec FIELD=JSON`."""
+    flags = {f.name: getattr(args, f.name) for f in fields(TranslationSpec) if getattr(args, f.name, None) is not None}
+    spec = TranslationSpec.quick(**flags) if args.quick else TranslationSpec(**flags)
+    return with_changes(spec, args.spec or [])
 
 
 def run_from_args(args: argparse.Namespace) -> None:
@@ -486,8 +496,8 @@ def run_from_args(args: argparse.Namespace) -> None:
     if args.summarize:
         print(summarize(out_dir, [Path(d) for d in args.summarize]))
         return
-    result = reproduce(out_dir, spec_from_args(args), seed=args.seed, threads=args.threads,
-                       trained_only=args.trained_only)
+    rows = tuple(args.rows) if args.rows else TRAINED_ROWS if args.trained_only else ROWS
+    result = reproduce(out_dir, spec_from_args(args), seed=args.seed, threads=args.threads, rows=rows)
     print(markdown_table(result))
     print(f"\nwritten to {out_dir}/results.md (and .json, learning_curves.png, chrf_by_length.png) "
           f"in {result.seconds / 60:.1f} min")
