@@ -135,11 +135,14 @@ def test_length_buckets_split_evenly():
     assert buckets[0][0] == "1–2"
 
 
-def test_cli_refuses_ablations_for_translation(capsys):
+def test_cli_refuses_the_other_experiments_options(capsys):
     from calm.cli import main
 
     assert main(["reproduce", "translation", "--ablations"]) != 0
-    assert "--ablations is for kv-arithmetic" in capsys.readouterr().err
+    assert main(["reproduce", "kv-arithmetic", "--rows", "CALM", "--steps", "3"]) != 0
+    err = capsys.readouterr().err
+    assert "--ablations is for kv-arithmetic" in err
+    assert "--steps, --rows: translation-only option(s), not for kv-arithmetic" in err
 
 
 @pytest.mark.slow

@@ -329,6 +329,10 @@ def cmd_serve(args: argparse.Namespace) -> None:
               shutdown_timeout=args.shutdown_timeout)
 
 
+TRANSLATION_ONLY = ("language", "anchor", "augment", "eval_split", "eval_size", "train_size", "steps", "trained_only",
+                    "rows", "spec")
+
+
 def cmd_reproduce(args: argparse.Namespace) -> None:
     if args.experiment == "translation":
         if args.ablations:
@@ -337,6 +341,8 @@ def cmd_reproduce(args: argparse.Namespace) -> None:
     else:
         from .experiments.kv_reproduce import run_from_args
 
+        if given := [f"--{name.replace('_', '-')}" for name in TRANSLATION_ONLY if getattr(args, name)]:
+            raise UserError(f"{', '.join(given)}: translation-only option(s), not for kv-arithmetic")
         args.output_dir = args.output_dir or Path("results/kv_arithmetic")
     run_from_args(args)
 
