@@ -20,10 +20,10 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, get_peft_model
 from transformers import PreTrainedModel, PreTrainedTokenizerFast, TrainerCallback
 
 import calm
+from calm.experiments import matched_lora
 from calm.experiments.kv_arithmetic import (
     BaseModelPaths,
     ExperimentConfig,
@@ -126,16 +126,9 @@ def extend(trained: calm.CALMForCausalLM, anchor_path: Path, spec: CompositionSp
 
 
 def lora_model(anchor_path: Path, target_params: int) -> tuple[PreTrainedModel, int]:
-    """m_B with LoRA on its embeddings and every attention and MLP projection, its rank chosen so that its
-    trainable parameter count is the closest to `target_params` (each adapted d_in×d_out matrix adds
-    r·(d_in + d_out))."""
-    anchor = load_frozen(anchor_path)
-    per_rank = sum(sum(m.weight.shape) for name, m in anchor.named_modules()
-                   if isinstance(m, torch.nn.Linear | torch.nn.Embedding) and name.rsplit(".", 1)[-1] in LORA_TARGETS)
-    rank = max(1, round(target_params / per_rank))
-    model = get_peft_model(anchor, LoraConfig(r=rank, lora_alpha=rank, target_modules=list(LORA_TARGETS),
-                                              lora_dropout=0.0))
-    return model, rank
+    """m_B with LoRA on its embeddings and every attention and MLP projection, as many parameters as
+    `target_params` (`matched_lora`)."""
+    return matched_lora(load_frozen(anchor_path), target_params, LORA_TARGETS)
 
 
 def fully_trainable(anchor_path: Path) -> PreTrainedModel:

@@ -29,13 +29,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 import calm
 from calm.data import encode_prompts, pad_token_id
 from calm.eval import mean_loss
-from calm.experiments import with_changes
+from calm.experiments import matched_lora, with_changes
 from calm.packaged import load_model, load_tokenizer
 from calm.tasks import translation as task
 from calm.train import METRICS_FILE, TrainConfig, read_metrics, train
@@ -142,14 +141,9 @@ def random_augment(augment: PreTrainedModel, seed: int) -> PreTrainedModel:
 
 
 def lora_model(anchor: PreTrainedModel, target_params: int) -> tuple[PreTrainedModel, int]:
-    """A copy of m_B with LoRA on every attention and MLP projection, its rank chosen so that its trainable
-    parameter count is the closest to `target_params` (each adapted d_in×d_out matrix adds r·(d_in + d_out))."""
-    per_rank = sum(m.in_features + m.out_features for name, m in anchor.named_modules()
-                   if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in LORA_TARGETS)
-    rank = max(1, round(target_params / per_rank))
-    model = get_peft_model(copy.deepcopy(anchor), LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0,
-                                                             target_modules=list(LORA_TARGETS)))
-    return model, rank
+    """A copy of m_B with LoRA on every attention and MLP projection, as many parameters as `target_params`
+    (`matched_lora`)."""
+    return matched_lora(copy.deepcopy(anchor), target_params, LORA_TARGETS)
 
 
 def fully_trainable(anchor: PreTrainedModel) -> PreTrainedModel:
