@@ -25,6 +25,8 @@ def tiny(arch: str, width: int = 32, layers: int = 4, heads: int = 4, seed: int 
         config = tf.MistralConfig(**common, num_key_value_heads=max(1, heads // 2), sliding_window=None)
     elif arch == "gemma":
         config = tf.GemmaConfig(**common, num_key_value_heads=1, head_dim=width // heads)
+    elif arch == "gemma3":
+        config = tf.Gemma3TextConfig(**common, num_key_value_heads=1, head_dim=width // heads, sliding_window=8)
     elif arch == "phi":
         config = tf.PhiConfig(**common)
     elif arch == "gpt_neox":

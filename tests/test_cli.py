@@ -91,6 +91,22 @@ def test_no_augment_norm_flag_reaches_the_saved_config(assets, tmp_path):
     assert json.loads((tmp_path / "calm_config.json").read_text())["augment_norm"] is False
 
 
+@pytest.mark.parametrize("flag, saved", [(["--augment-norm", "block"], "block"), (["--augment-norm"], True),
+                                         (["--augment-norm", "none"], False)])
+def test_augment_norm_flag_takes_a_mode(assets, tmp_path, flag, saved):
+    assert main(["compose", "--anchor", str(assets["anchor"]), "--augment", str(assets["augment"]),
+                 "--num-connections", "1", *flag, "--save", str(tmp_path)]) == 0
+    assert json.loads((tmp_path / "calm_config.json").read_text())["augment_norm"] == saved
+
+
+def test_bad_augment_norm_mode_is_named(assets, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["compose", "--anchor", str(assets["anchor"]), "--augment", str(assets["augment"]),
+              "--augment-norm", "layer"])
+    assert exit_.value.code == 2
+    assert "invalid choice 'layer': expected one of rms, block, none" in capsys.readouterr().err
+
+
 def test_compose_prints_connections_and_parameter_count(assets, capsys):
     assert main(["compose", "--anchor", str(assets["anchor"]), "--augment", str(assets["augment"]),
                  "--connections", "0:0,1:1"]) == 0

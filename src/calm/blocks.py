@@ -22,12 +22,21 @@ def _text_config(model: PreTrainedModel):
     return model.config.get_text_config(decoder=True)
 
 
+# How transformers names the norm a pre-norm block reads its input through, and the norm after the last block.
+INPUT_NORM_NAMES = ("input_layernorm", "ln_1", "ln_attn", "attention_norm", "norm1")
+FINAL_NORM_NAMES = ("norm", "ln_f", "final_layernorm", "final_layer_norm", "final_norm", "norm_f")
+
+
 def decoder_blocks(model: nn.Module) -> nn.ModuleList:
     """The model's list of decoder blocks, found without knowing its architecture.
 
     Picks the `nn.ModuleList` whose length equals the configured layer count and whose children share one
     class; among several candidates (rare), the outermost one wins.
     """
+    return _named_decoder_blocks(model)[1]
+
+
+def _named_decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     if not isinstance(model, PreTrainedModel):
         raise TypeError(f"expected a transformers PreTrainedModel, got {type(model).__name__}")
     num_layers = getattr(_text_config(model), "num_hidden_layers", None)
@@ -44,7 +53,25 @@ def decoder_blocks(model: nn.Module) -> nn.ModuleList:
             f"could not find the decoder blocks of {type(model).__name__}: no nn.ModuleList of "
             f"{num_layers} identical blocks (config.num_hidden_layers)"
         )
-    return min(candidates, key=lambda c: c[0])[2]
+    _, name, blocks = min(candidates, key=lambda c: c[0])
+    return name, blocks
+
+
+def next_input_norm(model: PreTrainedModel, block: int) -> nn.Module:
+    """The norm through which the model itself reads the residual stream after `block` (-1: the embeddings): the
+    input norm of block `block + 1`, or the final norm after the last block."""
+    name, blocks = _named_decoder_blocks(model)
+    if block + 1 < len(blocks):
+        where, names = blocks[block + 1], INPUT_NORM_NAMES
+        what = f"block {block + 1}'s input norm (a child named one of {INPUT_NORM_NAMES})"
+    else:
+        where, names = model.get_submodule(name.rpartition(".")[0]), FINAL_NORM_NAMES
+        what = f"the norm after the last block (a sibling of `{name}` named one of {FINAL_NORM_NAMES})"
+    for child in names:
+        if isinstance(getattr(where, child, None), nn.Module):
+            return getattr(where, child)
+    raise ValueError(f"augment_norm='block' needs {type(model).__name__}'s {what}, and it has none: use "
+                     "augment_norm=True (a plain RMS norm) for this model")
 
 
 def base_info(model: PreTrainedModel) -> BaseInfo:

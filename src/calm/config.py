@@ -122,7 +122,7 @@ class CALMConfig(PretrainedConfig):
         augment_mode: str = "iterative",
         rope_theta: float | None = 10000.0,
         augment_dropout: float = 0.0,
-        augment_norm: bool = True,
+        augment_norm: bool | str = True,
         anchor: dict | None = None,
         augments: list[dict] | None = None,
         **kwargs: Any,
@@ -150,9 +150,11 @@ class CALMConfig(PretrainedConfig):
             raise ValueError(f"init={self.init!r} is invalid: expected one of {INITS}")
         if self.augment_mode not in AUGMENT_MODES:
             raise ValueError(f"augment_mode={self.augment_mode!r} is invalid: expected one of {AUGMENT_MODES}")
-        for name in ("qk_norm", "augment_norm"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name}={getattr(self, name)!r} is invalid: expected True or False")
+        if not isinstance(self.qk_norm, bool):
+            raise ValueError(f"qk_norm={self.qk_norm!r} is invalid: expected True or False")
+        if not (isinstance(self.augment_norm, bool) or self.augment_norm == "block"):
+            raise ValueError(f"augment_norm={self.augment_norm!r} is invalid: expected True (unit RMS), False (none) "
+                             "or 'block' (the augment's own next-block input norm)")
         if isinstance(self.num_heads, bool) or not isinstance(self.num_heads, int) or self.num_heads < 1:
             raise ValueError(f"num_heads={self.num_heads!r} is invalid: expected a positive integer")
         theta = self.rope_theta

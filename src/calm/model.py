@@ -13,7 +13,7 @@ from transformers import GenerationMixin, PreTrainedModel, PreTrainedTokenizerBa
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .alignment import TokenizerAligner, same_tokenizer, tokenizer_fingerprint
-from .blocks import BaseInfo, base_info, decoder_blocks
+from .blocks import BaseInfo, base_info, decoder_blocks, next_input_norm
 from .cache import CALMCache
 from .config import AUGMENT_MODES, CALMConfig, resolve_connections
 from .layers import CrossAttention
@@ -82,7 +82,7 @@ class CALMForCausalLM(PreTrainedModel, GenerationMixin):
         self.composition = nn.ModuleList(
             nn.ModuleList(
                 CrossAttention(base_info(augment).width, anchor_info.width, config.num_heads, config.qk_norm,
-                               config.init, config.rope_theta, config.augment_dropout, config.augment_norm)
+                               config.init, config.rope_theta, config.augment_dropout, config.augment_norm is True)
                 for _ in conns
             )
             for augment, conns in zip(augments, config.connections)
@@ -90,6 +90,12 @@ class CALMForCausalLM(PreTrainedModel, GenerationMixin):
         # Plain tuples: the blocks stay registered only under their own models, never twice in state_dict.
         self._anchor_blocks = tuple(decoder_blocks(anchor))
         self._augment_blocks = tuple(tuple(decoder_blocks(a)) for a in augments)
+        # augment_norm="block": each tapped state is read as the augment's own next block reads it. Pretrained
+        # models keep a few massive dimensions in their residual stream (Gemma-3: ~90% of the squared norm);
+        # their learned input norms damp them, where a plain RMS norm keeps them and the keys all look alike.
+        self._tap_norms = tuple(
+            {a: next_input_norm(augment, a) for a, _ in conns} if config.augment_norm == "block" else {}
+            for augment, conns in zip(augments, config.connections))
         for base in (anchor, *augments):
             base.requires_grad_(False)
             base.eval()
@@ -325,7 +331,8 @@ class CALMForCausalLM(PreTrainedModel, GenerationMixin):
         finally:
             for handle in handles:
                 handle.remove()
-        return states
+        norms = self._tap_norms[k]
+        return {a: norms[a](h) if a in norms else h for a, h in states.items()}
 
     @staticmethod
     def _cross_mask(attention_mask, past, length, num_keys, augment_length, device) -> torch.Tensor | str | None:
@@ -470,7 +477,7 @@ def compose(
     augment_mode: str = "iterative",
     rope_theta: float | None = 10000.0,
     augment_dropout: float = 0.0,
-    augment_norm: bool = True,
+    augment_norm: bool | str = True,
     tokenizer: PreTrainedTokenizerBase | None = None,
     augment_tokenizer: PreTrainedTokenizerBase | None = None,
     augment_tokenizers: Sequence[PreTrainedTokenizerBase | None] | None = None,
@@ -480,7 +487,9 @@ def compose(
     Name the connections one way: `connections=[(augment_block, anchor_block), ...]` (a list of such lists
     with several augments), `num_connections=n` (evenly spaced on both models) or `every=k` (every k-th
     augment block, the paper's choice). With none, every 4th augment block is tapped. `num_heads` defaults to
-    the anchor's attention heads.
+    the anchor's attention heads. `augment_norm` sets how f_proj reads the augment's states: True scales each to
+    unit RMS, "block" reads them through the augment's own next-block input norm (for pretrained augments with
+    massive activations), False leaves them as they are.
 
     Models need not share a tokenizer: pass the anchor's `tokenizer` and the augment's `augment_tokenizer`
     (`augment_tokenizers=[...]` with several augments). An augment whose tokenizer is the anchor's (compared by

@@ -64,6 +64,7 @@ class TranslationSpec:
     # the anchor's backward runs from its last block down to the first connected one (16 of 30 blocks here).
     connections: list[list[int]] = field(default_factory=lambda: [[3, 14], [7, 19], [11, 24], [15, 29]])
     num_heads: int = 0  # 0: the anchor's attention heads
+    augment_norm: bool | str = True  # how f_proj reads m_A's states (calm.compose's augment_norm)
     steps: int = 150
     batch_size: int = 8
     lr: float = 1e-3  # composition layers and LoRA adapters
@@ -129,7 +130,8 @@ def load_bases(spec: TranslationSpec) -> Bases:
 def compose(bases: Bases, spec: TranslationSpec, augment: PreTrainedModel | None = None,
             mode: str = "iterative") -> calm.CALMForCausalLM:
     return calm.compose(bases.anchor, augment or bases.augment, connections=spec.connections,
-                        num_heads=spec.num_heads or None, augment_mode=mode, tokenizer=bases.tokenizer,
+                        num_heads=spec.num_heads or None, augment_mode=mode, augment_norm=spec.augment_norm,
+                        tokenizer=bases.tokenizer,
                         augment_tokenizer=bases.augment_tokenizer)
 
 
@@ -485,7 +487,7 @@ def spec_from_args(args: argparse.Namespace) -> TranslationSpec:
 def run_from_args(args: argparse.Namespace) -> None:
     """`calm reproduce translation [--quick] [--seed N] [--threads N] [--language uk|ja] [--eval-split ...]
     [--output-dir DIR]`, or `--summarize RUN_DIR...` to combine finished runs into mean ± std."""
-    out_dir = Path(args.output_dir or "results/translation")
+    out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if args.summarize:
         print(summarize(out_dir, [Path(d) for d in args.summarize]))
