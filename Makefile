@@ -18,6 +18,8 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# Writes the scratch directory runs/kv_arithmetic; the committed results/kv_arithmetic change only with an
+# explicit --output-dir.
 demo: $(STAMP)
 	$(VENV)/bin/calm reproduce kv-arithmetic
 

@@ -149,6 +149,21 @@ def test_summarize_names_a_run_without_results(tmp_path, capsys):
     assert "no results.json in" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("experiment, module", [("kv-arithmetic", "kv_reproduce"), ("translation", "translation")])
+def test_default_output_dir_is_scratch(experiment, module, monkeypatch):
+    """`calm reproduce` writes runs/<experiment> unless told otherwise: the committed results/ only on request."""
+    import importlib
+
+    from calm import cli
+
+    given = []
+    monkeypatch.setattr(importlib.import_module(f"calm.experiments.{module}"), "run_from_args",
+                        lambda args: given.append(args.output_dir))
+    for flags in ([], ["--output-dir", f"results/{experiment}"]):
+        cli.cmd_reproduce(cli.build_parser().parse_args(["reproduce", experiment, *flags]))
+    assert given == [Path("runs") / experiment.replace("-", "_"), Path(f"results/{experiment}")]
+
+
 @pytest.mark.slow
 @pytest.mark.filterwarnings("error:No artists with labels")  # --quick logs no loss: an empty plot, but no warning
 def test_default_run_is_the_main_table_and_baselines(tmp_path):

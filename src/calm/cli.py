@@ -64,11 +64,23 @@ def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
                             "paper's code)")
     group.add_argument("--augment-dropout", type=float, default=0.0,
                        help="dropout on the augments' states before f_proj, in training only (default: 0)")
-    group.add_argument("--augment-norm", action=argparse.BooleanOptionalAction, default=True,
-                       help="RMS-normalise the augments' states before f_proj")
+    group.add_argument("--augment-norm", nargs="?", const=True, default=True, type=parse_augment_norm,
+                       metavar="{rms,block,none}",
+                       help="how f_proj reads the augments' states: rms (the default) scales each to unit RMS; "
+                            "block reads it through the augment's own next-block input norm (pretrained augments "
+                            "with massive activations, e.g. Gemma); none leaves it as it is")
+    group.add_argument("--no-augment-norm", dest="augment_norm", action="store_false",
+                       help="the same as --augment-norm none")
     group.add_argument("--init", default="identity", choices=["identity", "paper"], help="composition init")
     group.add_argument("--augment-mode", default="iterative", choices=["iterative", "prompt"],
                        help="augments read every token (iterative, the paper's default) or only the prompt")
+
+
+def parse_augment_norm(text: str) -> bool | str:
+    values = {"rms": True, "block": "block", "none": False}
+    if text.lower() not in values:
+        raise argparse.ArgumentTypeError(f"invalid choice {text!r}: expected one of rms, block, none")
+    return values[text.lower()]
 
 
 def parse_rope_theta(text: str) -> float | None:
@@ -334,6 +346,8 @@ TRANSLATION_ONLY = ("language", "anchor", "augment", "eval_split", "eval_size", 
 
 
 def cmd_reproduce(args: argparse.Namespace) -> None:
+    # A scratch directory by default, so that a run never overwrites the committed results/ by accident.
+    args.output_dir = args.output_dir or Path("runs") / args.experiment.replace("-", "_")
     if args.experiment == "translation":
         if args.ablations:
             raise UserError("--ablations is for kv-arithmetic: the translation reproduction always runs every row")
@@ -343,7 +357,6 @@ def cmd_reproduce(args: argparse.Namespace) -> None:
 
         if given := [f"--{name.replace('_', '-')}" for name in TRANSLATION_ONLY if getattr(args, name)]:
             raise UserError(f"{', '.join(given)}: translation-only option(s), not for kv-arithmetic")
-        args.output_dir = args.output_dir or Path("results/kv_arithmetic")
     run_from_args(args)
 
 
@@ -421,7 +434,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--summarize", nargs="+", type=Path, metavar="RUN_DIR", default=None,
                      help="train nothing: combine finished runs (e.g. one per seed) into mean ± std in --output-dir")
     sub.add_argument("--output-dir", type=Path, default=None,
-                     help="where results.md, results.json and the plots go (default: results/<experiment>)")
+                     help="where results.md, results.json and the plots go (default: the scratch directory "
+                          "runs/<experiment>, e.g. runs/kv_arithmetic; give results/<experiment> to update the "
+                          "committed results)")
     group = sub.add_argument_group("translation only (defaults: calm.experiments.translation.TranslationSpec)")
     group.add_argument("--language", default=None, choices=["uk", "ja"], help="source language (default uk)")
     group.add_argument("--anchor", default=None, help="m_B: a packaged name, .gguf file, Hub name or local path")

@@ -91,8 +91,8 @@ class TrainSpec:
     # The noise is made of the digit embeddings and is not detached from them, so the loss also shapes the
     # digit embeddings through it. On seed 0's bases, compositions with seeds 0 and 1 scored 66% and 80% on
     # held-out keys over an m_B trained this way, 43% and 70% with the noise detached (scratch trials); 3 seeds:
-    # 73% against 39% (README, with 3,000 m_B steps). At scale 1.0, m_B's own arithmetic fell to 57%, at 0.75
-    # (4,500 steps) to 9%.
+    # 73% against 39% (results/kv_arithmetic/README.md, with 3,000 m_B steps). At scale 1.0, m_B's own
+    # arithmetic fell to 57%, at 0.75 (4,500 steps) to 9%.
     digit_noise: float = 0.0
 
 

@@ -60,7 +60,7 @@ class CompositionSpec:
     # Four times m_B's 4: each of a key's slots reads the key at its own offset and writes its own digit, so
     # heads specialise by slot. More heads leave the loss plateau more reliably: over the 3 seeds' base models,
     # `kv_draws` with 3 composition seeds each left 2 of 9 draws on it with 8 heads (held-out keys: mean 73.5%)
-    # and none with 16 (92.3%; README, "One run is one draw").
+    # and none with 16 (92.3%; results/kv_arithmetic/README.md, "Before `augment_norm`, one run was one draw").
     num_heads: int = 16
     # KV-Substitution asks m_B to write out what m_A writes, which m_B cannot do from its inputs: a D_C that
     # holds it adds a connection from m_A's last block into m_B's last, where m_A's next token can be read
