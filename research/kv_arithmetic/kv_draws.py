@@ -6,7 +6,8 @@ expressions over D_C's keys and over the other keys, so each draw's escape from 
 ends. The reproduction's own CALM is one more draw: its seed is drawn after the base models', so it matches none
 of these.
 
-    python -m calm.experiments.kv_draws RUN_DIR [--seeds 0 1 2] [--every 500] [--spec FIELD=JSON ...] [--threads N]
+    python research/kv_arithmetic/kv_draws.py RUN_DIR [--seeds 0 1 2] [--every 500] [--spec FIELD=JSON ...]
+        [--threads N]
 """
 
 from __future__ import annotations
