@@ -574,7 +574,7 @@ class CompositionTrainer(Trainer):
         """Composition checkpoints hold only `calm.safetensors`; other models load the Trainer's way."""
         target = self.accelerator.unwrap_model(model if model is not None else self.model)
         if isinstance(target, CALMForCausalLM) and not self.is_fsdp_enabled and not self.is_deepspeed_enabled:
-            from .io import WEIGHTS_NAME, load_checked  # safetensors only: nothing is unpickled
+            from .serialization import WEIGHTS_NAME, load_checked  # safetensors only: nothing is unpickled
 
             weights = _checkpoint_weights(Path(resume_from_checkpoint))
             load_checked(target.composition, weights, Path(resume_from_checkpoint) / WEIGHTS_NAME)
@@ -637,7 +637,7 @@ def _read_json_object(path: Path, context: str) -> dict[str, Any]:
 
 def _checkpoint_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
     """A composition checkpoint's weights, checked against the checksum its calm_config.json records."""
-    from .io import CONFIG_NAME, load_weights
+    from .serialization import CONFIG_NAME, load_weights
 
     config_path = checkpoint / CONFIG_NAME
     config = _read_json_object(config_path, f"cannot resume from {checkpoint}") if config_path.is_file() else {}
@@ -653,7 +653,7 @@ def check_checkpoint(checkpoint: Path, model: nn.Module) -> None:
     model; every other `*.pt` / `*.pth` / `*.bin` file the Trainer may load must load with
     `torch.load(weights_only=True)`, which refuses anything that would run code (nothing is unpickled in
     full). `training_args.bin` is never read."""
-    from .io import WEIGHTS_NAME, check_weights
+    from .serialization import WEIGHTS_NAME, check_weights
 
     context = f"cannot resume from {checkpoint}"
     _read_json_object(checkpoint / TRAINER_STATE_FILE, context)

@@ -16,7 +16,7 @@ from robust_support import char_tokenizer, composed, composition_state, quick, r
 from safetensors.torch import load_file, save_file
 
 import calm
-from calm.io import CONFIG_NAME, WEIGHTS_NAME, save_composition
+from calm.serialization import CONFIG_NAME, WEIGHTS_NAME, save_composition
 from calm.train import CheckpointError, train
 
 # ------------------------------------------------------------------------------------------ helpers

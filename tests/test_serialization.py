@@ -12,7 +12,7 @@ from conftest import randomize, tiny
 
 import calm
 from calm.config import OPTIONS
-from calm.io import CONFIG_NAME, WEIGHTS_NAME
+from calm.serialization import CONFIG_NAME, WEIGHTS_NAME
 
 
 @pytest.fixture
@@ -46,7 +46,7 @@ def test_round_trip_gives_bit_identical_logits(saved):
 def test_every_option_survives_the_round_trip(tmp_path, pair):
     chosen = {"num_heads": 2, "qk_norm": False, "init": "paper", "augment_mode": "prompt", "rope_theta": None,
               "augment_dropout": 0.25, "augment_norm": False}
-    # Every CALMConfig option is in OPTIONS (what io, the run record and the CLI carry over), and none is left out.
+    # Every CALMConfig option is in OPTIONS (what saved files, the run record and the CLI carry over), none left out.
     given = set(inspect.signature(calm.CALMConfig).parameters) - {"connections", "anchor", "augments", "kwargs"}
     assert set(OPTIONS) == given == set(chosen)
     calm.compose(*pair, num_connections=1, **chosen).save_pretrained(tmp_path)
