@@ -10,7 +10,7 @@ import tempfile
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, TypeVar
 
 import torch
 from safetensors import SafetensorError
@@ -23,8 +23,8 @@ from .alignment import tokenizer_fingerprint
 from .blocks import base_info
 from .config import LATER_OPTIONS, OPTIONS, CALMConfig
 
-if TYPE_CHECKING:
-    from .model import CALMForCausalLM
+# Saving and loading never import the model class: `CALMForCausalLM` imports this module, and passes itself in.
+Model = TypeVar("Model", bound=PreTrainedModel)
 
 CONFIG_NAME = "calm_config.json"
 ANCHOR_TOKENIZER_DIR = "tokenizer"
@@ -73,7 +73,7 @@ def _sha256(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def save_composition(model: CALMForCausalLM, save_directory: str | os.PathLike, weights: dict | None = None) -> None:
+def save_composition(model: PreTrainedModel, save_directory: str | os.PathLike, weights: dict | None = None) -> None:
     """Write `calm_config.json` and `calm.safetensors` (only the composition layers, from `weights` when given)
     to `save_directory`. The config records the weights file's checksum; both files replace the old ones only
     once both are written completely."""
@@ -198,10 +198,10 @@ def check_base(config_record: dict, model: PreTrainedModel, who: str) -> None:
                       stacklevel=4)  # the line that called CALMForCausalLM.from_pretrained
 
 
-def load_composition(cls: type[CALMForCausalLM], directory: str | os.PathLike, anchor: PreTrainedModel | None,
+def load_composition(cls: type[Model], directory: str | os.PathLike, anchor: PreTrainedModel | None,
                      augments: list[PreTrainedModel] | None, *, tokenizer: Any = None,
                      augment_tokenizers: Sequence[Any] | None = None, trust_remote_code: bool = False,
-                     **base_kwargs: Any) -> CALMForCausalLM:
+                     **base_kwargs: Any) -> Model:
     """Rebuild a composition from `directory` on the given (or recorded) base models and load its weights.
 
     Everything is checked before anything is loaded: a bad file or a wrong base model raises `ValueError` (or
