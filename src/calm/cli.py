@@ -563,7 +563,7 @@ def apply_config_file(parser: argparse.ArgumentParser, argv: Sequence[str]) -> a
         if not isinstance(values, dict):
             raise UserError(f"--config {path} must hold a mapping of option: value")
         if command == "train" and isinstance(values.get("train"), dict):
-            values = _from_run_record(values)
+            values = _from_run_record(values, path)
         values = {str(k).replace("-", "_"): v for k, v in values.items()}
         subparser = _subparsers(parser).choices[command]
         actions = {action.dest: action for action in subparser._actions}
@@ -577,16 +577,18 @@ def apply_config_file(parser: argparse.ArgumentParser, argv: Sequence[str]) -> a
     return parser.parse_args(argv)
 
 
-def _from_run_record(record: dict) -> dict:
+def _from_run_record(record: dict, path: str) -> dict:
     """The options of a run's own `train_config.json` (TrainConfig values under `train`, the models under
-    `model`, the data files under `data`) as flat `calm train` options. A recorded composition that lacks an
-    option predates it and is rebuilt with the value it was made with."""
-    from .config import LATER_OPTIONS, OPTIONS
+    `model`, the data files under `data`) as flat `calm train` options. A recorded composition is upgraded to
+    the current format version first (`calm.formats`)."""
+    from .config import OPTIONS
+    from .formats import RUN_RECORD, read_version, upgrade_options
 
+    version = read_version(record.get("format"), RUN_RECORD, f"--config {path}")
     values = dict(record["train"])
     model = record.get("model") if isinstance(record.get("model"), dict) else {}
     if "connections" in model:
-        model = LATER_OPTIONS | model
+        model = upgrade_options(model, version)
     for key in ("anchor", "augments", "tokenizer", "augment_tokenizer", "dtype", "connections", *OPTIONS):
         if key in model:
             values.setdefault("augment" if key == "augments" else key, model[key])

@@ -26,6 +26,7 @@ from ..data import (
     pad_token_id,
     tokenize,
 )
+from ..formats import RUN_RECORD, format_tag
 from ..model import CALMForCausalLM
 from .augment_cache import AugmentStateCache, RefreshAugmentCache, new_augment_cache
 from .checkpoints import check_checkpoint, check_data_state, prepare_run_dir, write_text_atomically
@@ -115,10 +116,12 @@ def _result(trainer: CompositionTrainer, train_metrics: dict[str, float], eval_m
 
 def _write_run_config(path: Path, config: TrainConfig, train_set: TokenizedDataset,
                       eval_set: TokenizedDataset | None, run_info: dict[str, Any]) -> None:
-    """train_config.json: the options (reusable with --config), data sizes, and what the caller adds."""
+    """train_config.json: its format version, the options (reusable with --config), data sizes, and what the
+    caller adds."""
     data = {"train_examples": len(train_set), "train_tokens": train_set.stats["tokens"],
             "train_truncated": train_set.num_truncated, "eval_examples": len(eval_set) if eval_set else 0}
-    record = {"train": config.to_dict(), **run_info, "data": {**data, **run_info.get("data", {})}}
+    record = {"format": format_tag(RUN_RECORD), "train": config.to_dict(), **run_info,
+              "data": {**data, **run_info.get("data", {})}}
     write_text_atomically(path, json.dumps(record, indent=2, default=str) + "\n")
 
 
