@@ -16,7 +16,12 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from .train import TrainConfig, TrainResult
+from transformers import set_seed
+
+from .config import OPTIONS
+from .data import ExampleSet, load_examples
+from .formats import RUN_RECORD, read_version, upgrade_options
+from .train import TrainConfig, TrainResult, data_limits, prepare_dataset, train
 
 EXIT_USER_ERROR = 2
 EXIT_INTERNAL_ERROR = 1
@@ -326,7 +331,6 @@ def _interactive_prompts():
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from .data import load_examples
     from .eval import evaluate_file
 
     examples = load_examples(args.data)  # bad data fails here, before any model is loaded
@@ -340,12 +344,6 @@ def cmd_eval(args: argparse.Namespace) -> None:
 def cmd_train(args: argparse.Namespace) -> TrainResult:
     """Check options and data first (cheap, and before any model is loaded), then load and compose the base
     models and train the composition."""
-    from transformers import set_seed
-
-    from .config import OPTIONS
-    from .data import ExampleSet, load_examples
-    from .train import data_limits, prepare_dataset, train
-
     config = train_config_from_args(args)
     train_examples = load_examples(args.train_data)
     eval_examples: ExampleSet | None = load_examples(args.eval_data) if args.eval_data else None
@@ -581,9 +579,6 @@ def _from_run_record(record: dict, path: str) -> dict:
     """The options of a run's own `train_config.json` (TrainConfig values under `train`, the models under
     `model`, the data files under `data`) as flat `calm train` options. A recorded composition is upgraded to
     the current format version first (`calm.formats`)."""
-    from .config import OPTIONS
-    from .formats import RUN_RECORD, read_version, upgrade_options
-
     version = read_version(record.get("format"), RUN_RECORD, f"--config {path}")
     values = dict(record["train"])
     model = record.get("model") if isinstance(record.get("model"), dict) else {}

@@ -167,7 +167,7 @@ def _set_in(key, **values):
 
 
 BAD_CONFIGS = [
-    # (id, edit, message) -- test_serialization.py already covers num_heads missing/str, anchor.width str, init, not JSON
+    # (id, edit, message) -- test_serialization.py covers num_heads missing/str, anchor.width str, init, not JSON
     *[(f"missing_{name}", _drop(name), rf"field '{name}' is missing")
       for name in ("connections", "qk_norm", "init", "augment_mode", "anchor", "augments")],
     ("connections_dict", _set(connections={}), r"field 'connections' must be list, got dict"),
