@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import transformers as tf
@@ -54,3 +56,10 @@ def randomize(model) -> None:
 def pair():
     """Anchor (Llama 4×32) and a narrower, deeper augment (Qwen2 6×16)."""
     return tiny("llama", 32, 4, 4, seed=0), tiny("qwen2", 16, 6, 2, seed=1)
+
+
+@pytest.fixture
+def kv_research(monkeypatch):
+    """The key-value research probes (research/kv_arithmetic/*.py, not part of the package), importable by their
+    file names as they import each other when run as scripts."""
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "research" / "kv_arithmetic"))

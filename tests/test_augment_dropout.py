@@ -72,6 +72,7 @@ def test_save_load_keeps_the_setting_and_old_files_load_without_it(tmp_path):
     path = tmp_path / "calm_config.json"
     config = json.loads(path.read_text())
     del config["augment_dropout"]  # a file written before the option existed
+    config["format"] = "calm/1"  # and by a calm of that time: format version 1
     path.write_text(json.dumps(config))
     assert calm.CALMForCausalLM.from_pretrained(tmp_path, anchor=anchor, augments=[augment]).config.augment_dropout == 0
 

@@ -77,14 +77,16 @@ def test_files_and_run_records_from_before_the_option_rebuild_without_it(tmp_pat
     path = tmp_path / "calm_config.json"
     config = json.loads(path.read_text())
     del config["augment_norm"]  # a file written before the option existed, whose composition had no norm
+    config["format"] = "calm/1"  # and by a calm of that time: format version 1
     path.write_text(json.dumps(config))
     loaded = calm.CALMForCausalLM.from_pretrained(tmp_path, anchor=anchor, augments=[augment])
     assert loaded.config.augment_norm is False
-    record = {"train": {}, "model": {"connections": [[[1, 1]]], "num_heads": 2}}
-    assert _from_run_record(record)["augment_norm"] is False
+    record = {"train": {}, "model": {"connections": [[[1, 1]]], "num_heads": 2}}  # and no format version
+    assert _from_run_record(record, "train_config.json")["augment_norm"] is False
     record["model"]["augment_norm"] = True
-    assert _from_run_record(record)["augment_norm"] is True
-    assert "augment_norm" not in _from_run_record({"train": {}})  # no composition recorded: the flags decide
+    assert _from_run_record(record, "train_config.json")["augment_norm"] is True
+    no_composition = _from_run_record({"train": {}}, "train_config.json")
+    assert "augment_norm" not in no_composition  # no composition recorded: the flags decide
 
 
 @pytest.mark.parametrize("arch, norm", [("llama", "input_layernorm"), ("gemma3", "input_layernorm"),

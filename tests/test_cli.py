@@ -40,6 +40,12 @@ def test_every_subcommand_has_help(command, capsys):
     assert "--config" in capsys.readouterr().out
 
 
+def test_python_m_calm_train_is_calm_train():
+    """`python -m calm.train` (what `torchrun -m calm.train` runs) takes the flags of `calm train`."""
+    done = subprocess.run([sys.executable, "-m", "calm.train", "--help"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "--train-data" in done.stdout and "--max-steps" in done.stdout
+
+
 def test_installed_command_runs_and_reports_errors_in_one_line():
     info = subprocess.run([CALM, "info"], capture_output=True, text=True, timeout=120)
     assert info.returncode == 0 and "transformers" in info.stdout

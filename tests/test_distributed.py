@@ -15,7 +15,8 @@ import torch.distributed as dist
 from safetensors.torch import load_file
 from train_worker import make_assets
 
-from calm.train import main, read_metrics
+from calm.cli import train_main
+from calm.train import read_metrics
 
 WORKER = Path(__file__).parent / "train_worker.py"
 
@@ -56,7 +57,7 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path, own_tokeni
     cache_use = [(r["augment_cache"]["miss_batches"], r["augment_cache"]["hit_batches"]) for r in reports]
     assert cache_use == [(4, 2), (4, 2)]
 
-    single = main([*common, "--batch-size", "4", "--output-dir", str(tmp_path / "single")])
+    single = train_main([*common, "--batch-size", "4", "--output-dir", str(tmp_path / "single")])
     assert single.world_size == 1 and single.global_step == 6
 
     expected = load_file(tmp_path / "single" / "calm.safetensors")

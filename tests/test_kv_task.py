@@ -455,8 +455,8 @@ def test_build_task_is_reproducible_and_saves_its_config(tmp_path):
     assert (tmp_path / "a" / "data" / "d_kv.json").read_text() == (tmp_path / "b" / "data" / "d_kv.json").read_text()
 
 
-def test_key_slots_are_each_key_token_and_the_pads_after_it():
-    from calm.experiments.kv_steer import key_slots
+def test_key_slots_are_each_key_token_and_the_pads_after_it(kv_research):
+    from kv_steer import key_slots
 
     bos, pad, plus, eq, k1, k2, other = 1, 9, 5, 6, 20, 21, 22
     ids = torch.tensor([[bos, k1, pad, plus, k2, pad, eq], [bos, other, pad, plus, k2, pad, pad]])

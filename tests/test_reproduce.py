@@ -15,7 +15,7 @@ CALM = shutil.which("calm", path=str(Path(sys.executable).parent)) or "calm"
 
 
 @pytest.mark.slow
-def test_quick_reproduction_writes_every_output(tmp_path):
+def test_quick_reproduction_writes_every_output(tmp_path, kv_research):
     out = tmp_path / "kv"
     done = subprocess.run([CALM, "reproduce", "kv-arithmetic", "--quick", "--ablations", "--output-dir", str(out)],
                           capture_output=True, text=True, timeout=600)
@@ -43,7 +43,7 @@ def test_quick_reproduction_writes_every_output(tmp_path):
     assert (out / "runs" / "calm" / "calm.safetensors").is_file()
 
     # The probe of m_A's states reads the run directory: one row per layer (+ embeddings) and position.
-    from calm.experiments.kv_probe import probe
+    from kv_probe import probe
 
     probes = probe(out)
     layers = json.loads((out / "models" / "m_a" / "config.json").read_text())["num_hidden_layers"]
@@ -56,7 +56,9 @@ def test_quick_reproduction_writes_every_output(tmp_path):
     assert all(len(row) == 2 and all(0 <= share <= 100 for share in row) for row in probes["key_nearest_digits"])
 
     # Composition seeds: the same seed retrains the same composition, another seed another one.
-    from calm.experiments.kv_draws import draws, markdown, run_spec, with_changes
+    from kv_draws import draws, markdown, run_spec
+
+    from calm.experiments import with_changes
     from calm.experiments.kv_reproduce import CompositionSpec
 
     assert run_spec(out) == CompositionSpec.quick()  # the recipe the run was made with, not today's default
@@ -69,7 +71,7 @@ def test_quick_reproduction_writes_every_output(tmp_path):
     assert decayed[0]["train_loss"] != records[0]["train_loss"]  # the spec's weight decay reaches the optimizer
 
     # The slot diagnostic: what the composition writes into the keys' slots, and how m_B reads it.
-    from calm.experiments.kv_slots import SlotReader, measure
+    from kv_slots import SlotReader, measure
 
     reader = SlotReader(out, out / "runs" / "calm")
     assert reader.nearest_digit(reader.embed[reader.digit_ids]).tolist() == list(range(10))
@@ -83,7 +85,7 @@ def test_quick_reproduction_writes_every_output(tmp_path):
         assert all(0 <= v <= 100 for v in row.values())
 
     # The steering test fits free vectors in the keys' slots through the frozen m_B.
-    from calm.experiments.kv_steer import multi_key_arithmetic, steer
+    from kv_steer import multi_key_arithmetic, steer
 
     examples = [{"prompt": p, "completion": ""} for p in ("ab_+cd_=", "ab_=", "07+22=", "ab_+cd_:")]
     assert multi_key_arithmetic(examples, "=") == examples[:1]  # no single key, twin or substitution
@@ -113,15 +115,15 @@ def result_prompt(out: Path) -> str:
     return json.loads((out / "data" / "eval_kv_arithmetic_unseen.jsonl").read_text().splitlines()[0])["prompt"]
 
 
-def test_slot_digits_are_each_keys_value_in_fixed_width():
-    from calm.experiments.kv_slots import slot_digits
+def test_slot_digits_are_each_keys_value_in_fixed_width(kv_research):
+    from kv_slots import slot_digits
 
     assert slot_digits({"ab": 7, "cde": 420}, "ab__+cde__=", 3) == [0, 0, 7, 4, 2, 0]
     assert slot_digits({"ab": 7, "cde": 42}, "ab_-cde_*ab_=", 2) == [0, 7, 4, 2, 0, 7]
 
 
 def test_draws_spec_changes_are_checked_json():
-    from calm.experiments.kv_draws import with_changes
+    from calm.experiments import with_changes
     from calm.experiments.kv_reproduce import CompositionSpec
 
     changed = with_changes(CompositionSpec(), ["weight_decay=0.5", "connections=[[0, 1]]", "rope_theta=null"])
@@ -131,8 +133,9 @@ def test_draws_spec_changes_are_checked_json():
             with_changes(CompositionSpec(), [bad])
 
 
-def test_draws_rebuild_a_run_from_before_augment_norm_without_it(tmp_path):
-    from calm.experiments.kv_draws import run_spec
+def test_draws_rebuild_a_run_from_before_augment_norm_without_it(tmp_path, kv_research):
+    from kv_draws import run_spec
+
     from calm.experiments.kv_reproduce import CompositionSpec
 
     composition = asdict(CompositionSpec())
@@ -175,10 +178,9 @@ def test_default_run_is_the_main_table_and_baselines(tmp_path):
     assert not (tmp_path / "kv" / "models" / "m_a_vanilla").exists()
 
 
-def test_one_hot_errors_tell_an_exact_linear_code_from_noise():
+def test_one_hot_errors_tell_an_exact_linear_code_from_noise(kv_research):
     import torch
-
-    from calm.experiments.kv_probe import nearest_digits_right, one_hot_errors, one_hots
+    from kv_probe import nearest_digits_right, one_hot_errors, one_hots
 
     generator = torch.Generator().manual_seed(0)
     values = torch.randint(0, 1000, (300,), generator=generator)

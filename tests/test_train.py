@@ -18,18 +18,10 @@ from train_worker import char_tokenizer, make_assets, sum_examples, write_jsonl
 from transformers import TrainerCallback
 
 import calm
+from calm.cli import train_config_from_args, train_main
 from calm.data import DataError
 from calm.eval import exact_match_count
-from calm.train import (
-    STAGING_PREFIX,
-    AugmentStateCache,
-    TrainConfig,
-    config_from_args,
-    latest_checkpoint,
-    main,
-    read_metrics,
-    train,
-)
+from calm.train import STAGING_PREFIX, AugmentStateCache, TrainConfig, latest_checkpoint, read_metrics, train
 
 WORKER = Path(__file__).parent / "train_worker.py"
 
@@ -107,9 +99,9 @@ def test_yaml_config_file_sets_options_and_flags_override(tmp_path):
     (tmp_path / "c.yaml").write_text("learning_rate: 1e-4\nmax_steps: 3\nanchor: a\naugment: [b]\n")
     base = ["train", "--train-data", "x.jsonl", "--config", str(tmp_path / "c.yaml")]
     args = apply_config_file(build_parser(), base)
-    config = config_from_args(args)
+    config = train_config_from_args(args)
     assert (config.learning_rate, config.max_steps, args.anchor, args.augment) == (1e-4, 3, "a", ["b"])
-    assert config_from_args(apply_config_file(build_parser(), [*base, "--max-steps", "9"])).max_steps == 9
+    assert train_config_from_args(apply_config_file(build_parser(), [*base, "--max-steps", "9"])).max_steps == 9
     with pytest.raises(ValueError, match=r"unknown TrainConfig field\(s\) \['lr'\]"):
         TrainConfig.from_dict({"lr": 1.0})
 
@@ -231,13 +223,13 @@ def test_killed_run_resumes_and_finishes(tmp_path):
     worker.stderr.close()
     assert not (run / "calm.safetensors").exists(), "the worker finished before it could be killed"
 
-    resumed = main([*flags, "--resume"])
+    resumed = train_main([*flags, "--resume"])
     assert resumed.resumed_from is not None and resumed.global_step == 100
     steps = [r["step"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r]
     assert steps == list(range(5, 101, 5))  # one history: the killed run's extra records were dropped
 
-    straight = main([*flags[: flags.index("--output-dir")], "--output-dir", str(tmp_path / "straight"),
-                     *flags[flags.index("--output-dir") + 2:]])
+    straight = train_main([*flags[: flags.index("--output-dir")], "--output-dir", str(tmp_path / "straight"),
+                           *flags[flags.index("--output-dir") + 2:]])
     expected, got = load_file(tmp_path / "straight" / "calm.safetensors"), load_file(run / "calm.safetensors")
     assert straight.global_step == 100
     assert all(torch.allclose(expected[k], got[k], rtol=0, atol=1e-6) for k in expected)
@@ -378,11 +370,11 @@ def test_entry_point_checks_data_before_loading_any_model(tmp_path):
     flags = ["--anchor", str(tmp_path / "no-such-model"), "--augment", str(tmp_path / "no-such-model"),
              "--train-data", str(empty), "--output-dir", str(tmp_path / "run")]
     with pytest.raises(DataError, match="no examples"):
-        main(flags)
+        train_main(flags)
     write_jsonl([{"prompt": "1+1=", "completion": "2"}], tmp_path / "ok.jsonl")
     (tmp_path / "bad.jsonl").write_text('{"prompt": "1+1="}\n')
     with pytest.raises(DataError, match=r"bad\.jsonl:1: missing key 'completion'"):
-        main([*flags[:-4], "--train-data", str(tmp_path / "ok.jsonl"),
-              "--eval-data", str(tmp_path / "bad.jsonl"), "--output-dir", str(tmp_path / "run")])
+        train_main([*flags[:-4], "--train-data", str(tmp_path / "ok.jsonl"),
+                    "--eval-data", str(tmp_path / "bad.jsonl"), "--output-dir", str(tmp_path / "run")])
     with pytest.raises(ValueError, match=r"TrainConfig\.batch_size=0"):
-        main([*flags, "--batch-size", "0"])
+        train_main([*flags, "--batch-size", "0"])

@@ -78,7 +78,7 @@ def make_assets(root: Path, num_examples: int = 16, augment_tokenizer: bool = Fa
 def main(argv: list[str]) -> None:
     report = Path(argv[argv.index("--report") + 1])
     flags = argv[: argv.index("--report")] + argv[argv.index("--report") + 2 :]
-    from calm.train import main as train_main
+    from calm.cli import train_main
 
     result = train_main(flags)
     report.mkdir(parents=True, exist_ok=True)

@@ -8,10 +8,20 @@ unexpected failure); `--debug` shows the traceback.
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
+
+from transformers import set_seed
+
+from .config import OPTIONS
+from .data import ExampleSet, load_examples
+from .formats import RUN_RECORD, read_version, upgrade_options
+from .train import TrainConfig, TrainResult, data_limits, prepare_dataset, train
 
 EXIT_USER_ERROR = 2
 EXIT_INTERNAL_ERROR = 1
@@ -74,6 +84,34 @@ def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--init", default="identity", choices=["identity", "paper"], help="composition init")
     group.add_argument("--augment-mode", default="iterative", choices=["iterative", "prompt"],
                        help="augments read every token (iterative, the paper's default) or only the prompt")
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `calm train` flags: base models, connections, data, and one flag per TrainConfig field."""
+    add_base_arguments(parser)
+    add_connection_arguments(parser)
+    data = parser.add_argument_group("data")
+    data.add_argument("--train-data", nargs="+", required=True, help="training JSONL file(s)")
+    data.add_argument("--eval-data", nargs="+", default=None, help="evaluation JSONL file(s)")
+
+    options = parser.add_argument_group("training (TrainConfig)")
+    for f in fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        kind = type(f.default)
+        kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS,
+                                  "help": f"{f.metadata['help']} (default: {f.default!r})"}
+        if kind is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs["type"] = kind
+            if f.metadata["choices"]:
+                kwargs["choices"] = f.metadata["choices"]
+        options.add_argument(flag, **kwargs)
+
+
+def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """TrainConfig from the flags given (and the `--config` file values the CLI turned into defaults)."""
+    return TrainConfig.from_dict({f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)})
 
 
 def parse_augment_norm(text: str) -> bool | str:
@@ -293,9 +331,6 @@ def _interactive_prompts():
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    import json
-
-    from .data import load_examples
     from .eval import evaluate_file
 
     examples = load_examples(args.data)  # bad data fails here, before any model is loaded
@@ -306,10 +341,41 @@ def cmd_eval(args: argparse.Namespace) -> None:
     print(json.dumps(metrics, indent=2))
 
 
-def cmd_train(args: argparse.Namespace) -> None:
-    from .train import run_train
+def cmd_train(args: argparse.Namespace) -> TrainResult:
+    """Check options and data first (cheap, and before any model is loaded), then load and compose the base
+    models and train the composition."""
+    config = train_config_from_args(args)
+    train_examples = load_examples(args.train_data)
+    eval_examples: ExampleSet | None = load_examples(args.eval_data) if args.eval_data else None
+    tokenizer_name = args.tokenizer or args.anchor
+    tokenizer = load_tokenizer(tokenizer_name)
+    # The models' configs (no weights yet) say how long examples may be and which token ids exist.
+    max_length, vocab_size = data_limits(config, [load_base_config(name, args)
+                                                  for name in (args.anchor, *args.augment)])
+    train_set = prepare_dataset(train_examples, tokenizer, config, max_length, vocab_size)
+    eval_set = (prepare_dataset(eval_examples, tokenizer, config, max_length, vocab_size)
+                if eval_examples is not None else None)
+    set_seed(config.seed)  # the composition's initial weights follow the seed too
+    model = compose_from_args(args, tokenizer)
+    run_info = {
+        "model": {"anchor": args.anchor, "augments": list(args.augment), "tokenizer": tokenizer_name,
+                  **({"augment_tokenizer": list(args.augment_tokenizer)} if args.augment_tokenizer else {}),
+                  "dtype": args.dtype, "connections": model.config.connections,
+                  **{key: getattr(model.config, key) for key in OPTIONS}},
+        "data": {"train": [str(p) for p in args.train_data], "eval": [str(p) for p in args.eval_data or []]},
+    }
+    return train(model, tokenizer, train_set, eval_set, config, run_info=run_info)
 
-    run_train(args)
+
+def train_main(argv: Sequence[str] | None = None) -> TrainResult:
+    """`python -m calm.train ...` (also under `torchrun -m calm.train ...`): the flags of `calm train`; errors
+    raise (with their traceback), and the main process prints the result as one JSON line."""
+    args = apply_config_file(build_parser(), ["train", *(sys.argv[1:] if argv is None else argv)])
+    result = cmd_train(args)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps({"output_dir": str(result.output_dir), "global_step": result.global_step,
+                          "train_loss": result.train_loss, **result.eval_metrics}))
+    return result
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -416,8 +482,6 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
     sub = command("train", cmd_train, "train a composition on JSONL data")
-    from .train import add_train_arguments
-
     add_train_arguments(sub)
 
     sub = command("reproduce", cmd_reproduce, "reproduce a result of the paper")
@@ -497,7 +561,7 @@ def apply_config_file(parser: argparse.ArgumentParser, argv: Sequence[str]) -> a
         if not isinstance(values, dict):
             raise UserError(f"--config {path} must hold a mapping of option: value")
         if command == "train" and isinstance(values.get("train"), dict):
-            values = _from_run_record(values)
+            values = _from_run_record(values, path)
         values = {str(k).replace("-", "_"): v for k, v in values.items()}
         subparser = _subparsers(parser).choices[command]
         actions = {action.dest: action for action in subparser._actions}
@@ -511,16 +575,15 @@ def apply_config_file(parser: argparse.ArgumentParser, argv: Sequence[str]) -> a
     return parser.parse_args(argv)
 
 
-def _from_run_record(record: dict) -> dict:
+def _from_run_record(record: dict, path: str) -> dict:
     """The options of a run's own `train_config.json` (TrainConfig values under `train`, the models under
-    `model`, the data files under `data`) as flat `calm train` options. A recorded composition that lacks an
-    option predates it and is rebuilt with the value it was made with."""
-    from .config import LATER_OPTIONS, OPTIONS
-
+    `model`, the data files under `data`) as flat `calm train` options. A recorded composition is upgraded to
+    the current format version first (`calm.formats`)."""
+    version = read_version(record.get("format"), RUN_RECORD, f"--config {path}")
     values = dict(record["train"])
     model = record.get("model") if isinstance(record.get("model"), dict) else {}
     if "connections" in model:
-        model = LATER_OPTIONS | model
+        model = upgrade_options(model, version)
     for key in ("anchor", "augments", "tokenizer", "augment_tokenizer", "dtype", "connections", *OPTIONS):
         if key in model:
             values.setdefault("augment" if key == "augments" else key, model[key])

@@ -10,11 +10,9 @@ from transformers import PretrainedConfig
 INITS = ("identity", "paper")
 AUGMENT_MODES = ("iterative", "prompt")
 # The options of a composition besides its connections and base models: what a saved composition, a training
-# run's record and `calm train --resume` each carry over. A new `CALMConfig` option goes here, or is lost.
+# run's record and `calm train --resume` each carry over. A new `CALMConfig` option goes here, or is lost, and
+# makes a new file format version (`calm.formats`).
 OPTIONS = ("num_heads", "qk_norm", "init", "augment_mode", "rope_theta", "augment_dropout", "augment_norm")
-# Options added after the first saved compositions and run records, with the value those were made with: a file
-# that lacks one was made before it existed, and must be rebuilt as it was, not with today's default.
-LATER_OPTIONS = {"rope_theta": None, "augment_dropout": 0.0, "augment_norm": False}
 
 
 def evenly_spaced(num_layers: int, count: int) -> list[int]:

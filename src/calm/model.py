@@ -17,6 +17,7 @@ from .blocks import BaseInfo, base_info, decoder_blocks, next_input_norm
 from .cache import CALMCache
 from .config import AUGMENT_MODES, CALMConfig, resolve_connections
 from .layers import CrossAttention
+from .serialization import load_composition, save_composition
 
 
 class TokenizerMismatchError(ValueError):
@@ -441,8 +442,6 @@ class CALMForCausalLM(PreTrainedModel, GenerationMixin):
 
         `state_dict` (as the Trainer passes under FSDP/DeepSpeed, where parameters are sharded) supplies the
         full weights; only its `composition.` entries are written."""
-        from .io import save_composition
-
         prefix = "composition."
         weights = None if state_dict is None else {
             k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
@@ -457,8 +456,6 @@ class CALMForCausalLM(PreTrainedModel, GenerationMixin):
         """Load a saved composition onto its base models: the given ones, or those named in its config
         (loaded with `AutoModelForCausalLM.from_pretrained(name, **base_kwargs)`). Tokenizers saved with it are
         loaded too; given ones must be those it was trained with (compared by fingerprint)."""
-        from .io import load_composition
-
         return load_composition(cls, path, anchor, augments, tokenizer=tokenizer,
                                 augment_tokenizers=augment_tokenizers, trust_remote_code=trust_remote_code,
                                 **base_kwargs)

@@ -11,8 +11,8 @@ import transformers as tf
 from robust_support import char_tokenizer, composed, make_assets, quick, sum_examples, tiny, write_jsonl
 
 import calm
+from calm.cli import train_main
 from calm.data import DataError, TruncationWarning, load_examples, tokenize
-from calm.train import main as train_main
 from calm.train import train
 
 GOOD = '{"prompt": "1+1=", "completion": "2"}\n'

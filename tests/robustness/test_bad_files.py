@@ -16,7 +16,7 @@ from robust_support import char_tokenizer, composed, composition_state, quick, r
 from safetensors.torch import load_file, save_file
 
 import calm
-from calm.io import CONFIG_NAME, WEIGHTS_NAME, save_composition
+from calm.serialization import CONFIG_NAME, WEIGHTS_NAME, save_composition
 from calm.train import CheckpointError, train
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -167,7 +167,7 @@ def _set_in(key, **values):
 
 
 BAD_CONFIGS = [
-    # (id, edit, message) -- test_io.py already covers num_heads missing/str, anchor.width str, init, not JSON
+    # (id, edit, message) -- test_serialization.py covers num_heads missing/str, anchor.width str, init, not JSON
     *[(f"missing_{name}", _drop(name), rf"field '{name}' is missing")
       for name in ("connections", "qk_norm", "init", "augment_mode", "anchor", "augments")],
     ("connections_dict", _set(connections={}), r"field 'connections' must be list, got dict"),
@@ -197,7 +197,10 @@ BAD_CONFIGS = [
     ("pair_not_list", _set(connections=[[5]]), r"connections\[0\]=5 is invalid: expected a pair"),
     ("no_pairs", _set(connections=[[]]), r"connections=\[\] is invalid: expected a non-empty list"),
     ("more_lists_than_augments", _set(connections=[[[2, 1]], [[3, 2]]]), r"2 connection lists|2 lists but there"),
-    ("future_format", _set(format="calm/2"), r"format 'calm/2' is not supported: expected 'calm/1'"),
+    ("future_format", _set(format="calm/3"), r"format 'calm/3' was written by a newer version of calm, which this "
+                                             r"one cannot read \(it reads up to 'calm/2'\): upgrade calm-compose"),
+    ("other_format", _set(format="calm-run/2"), r"format 'calm-run/2' is not supported: expected 'calm/2'"),
+    ("option_missing", lambda c: c.pop("augment_norm"), r"field 'augment_norm' is missing"),
     ("checksum_int", _set(weights_sha256=5), r"field 'weights_sha256' must be str, got int"),
 ]
 

@@ -3,6 +3,7 @@ message and no traceback; `--debug` shows the traceback instead."""
 
 from __future__ import annotations
 
+import json
 import threading
 from pathlib import Path
 
@@ -182,16 +183,23 @@ def test_a_scalar_where_a_list_is_expected_in_a_config_file(assets, tmp_path, ca
 
 def test_a_runs_own_train_config_json_is_a_valid_config_file(assets, tmp_path):
     """docs/training.md promises it; before, its `train`/`model`/`data` sections were "unknown options"."""
-    from calm.cli import apply_config_file, build_parser
-    from calm.train import config_from_args
+    from calm.cli import apply_config_file, build_parser, train_config_from_args
 
     argv = fill(["train", *TRAIN, "--connections", "0:0,1:1", "--learning-rate", "0.003"], assets, tmp_path)
     assert main(argv) == 0
     again = apply_config_file(build_parser(), ["train", "--config", str(tmp_path / "run" / "train_config.json")])
-    assert config_from_args(again) == config_from_args(apply_config_file(build_parser(), argv))
+    assert train_config_from_args(again) == train_config_from_args(apply_config_file(build_parser(), argv))
     assert (again.anchor, again.augment, again.train_data) == (str(assets["anchor"]), [str(assets["augment"])],
                                                                 [str(assets["train"])])
     assert again.connections == [[[0, 0], [1, 1]]]
+    assert json.loads((tmp_path / "run" / "train_config.json").read_text())["format"] == "calm-run/2"
+
+
+def test_a_run_record_from_a_newer_calm_is_refused(tmp_path, capsys):
+    record = tmp_path / "train_config.json"
+    record.write_text(json.dumps({"format": "calm-run/3", "train": {}, "model": {"connections": [[[0, 0]]]}}))
+    assert main(["train", "--config", str(record)]) == 2
+    assert "format 'calm-run/3' was written by a newer version of calm" in capsys.readouterr().err
 
 
 def test_a_runs_record_carries_every_composition_option(assets, tmp_path):

@@ -29,8 +29,8 @@ from robust_support import (
 from transformers import TrainerCallback
 
 import calm
-import calm.io
-from calm.io import CONFIG_NAME, WEIGHTS_NAME, save_composition
+import calm.serialization
+from calm.serialization import CONFIG_NAME, WEIGHTS_NAME, save_composition
 from calm.train import (
     STAGING_PREFIX,
     CheckpointError,
@@ -74,7 +74,7 @@ class KillSwitch:
     _seen: int = 0
 
     def install(self, patch: pytest.MonkeyPatch) -> None:
-        save_file, torch_save, replace, rmtree = calm.io.save_file, torch.save, os.replace, shutil.rmtree
+        save_file, torch_save, replace, rmtree = calm.serialization.save_file, torch.save, os.replace, shutil.rmtree
 
         def half_file(write: Any, path: Any) -> None:  # the whole file written, then cut in half
             write()
@@ -100,7 +100,7 @@ class KillSwitch:
         def patched_rmtree(path, *args, **kwargs):
             return self._event("rmtree", path, lambda: rmtree(path, *args, **kwargs), lambda: delete_one(path))
 
-        patch.setattr(calm.io, "save_file", patched_save_file)
+        patch.setattr(calm.serialization, "save_file", patched_save_file)
         patch.setattr(torch, "save", patched_torch_save)
         patch.setattr(os, "replace", patched_replace)
         patch.setattr(shutil, "rmtree", patched_rmtree)
@@ -242,7 +242,7 @@ def torch_write_failed(*args: Any, **kwargs: Any) -> None:
 
 
 @pytest.mark.parametrize(("target", "where", "fail", "message"), [
-    ("calm.io.save_file", "checkpoint-4", no_space, "No space left on device"),
+    ("calm.serialization.save_file", "checkpoint-4", no_space, "No space left on device"),
     ("torch.save", "checkpoint-4/optimizer.pt", no_space, "No space left on device"),
     ("torch.save", "checkpoint-4/scheduler.pt", torch_write_failed, "file write failed"),
     ("pathlib.Path.write_text", "checkpoint-4/data_state.json", no_space, "No space left on device"),
@@ -250,7 +250,7 @@ def torch_write_failed(*args: Any, **kwargs: Any) -> None:
 def test_disk_full_during_a_save_fails_cleanly_and_keeps_the_previous_checkpoint(tmp_path, reference, monkeypatch,
                                                                                  target, where, fail, message):
     module, name = target.rsplit(".", 1)
-    owner = {"calm.io": calm.io, "torch": torch, "pathlib.Path": Path}[module]
+    owner = {"calm.serialization": calm.serialization, "torch": torch, "pathlib.Path": Path}[module]
     original = getattr(owner, name)
 
     def failing(*args: Any, **kwargs: Any) -> Any:
@@ -277,7 +277,7 @@ def test_disk_full_while_saving_a_composition_keeps_the_old_files(tmp_path, monk
     save_composition(old, tmp_path)
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
     if failing_file == WEIGHTS_NAME:
-        monkeypatch.setattr(calm.io, "save_file", no_space)
+        monkeypatch.setattr(calm.serialization, "save_file", no_space)
     else:
         original = Path.write_text
         monkeypatch.setattr(Path, "write_text",

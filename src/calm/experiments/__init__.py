@@ -1,4 +1,5 @@
-"""What `calm reproduce` runs: the key-value arithmetic reproduction and its probes, and the translation one."""
+"""What `calm reproduce` runs: the key-value arithmetic and translation reproductions (their probes are in
+research/)."""
 
 from __future__ import annotations
 

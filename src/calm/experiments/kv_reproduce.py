@@ -50,7 +50,8 @@ EVAL_SETS = ("kv_substitution", "numeric_arithmetic", "kv_arithmetic_seen", "kv_
 
 @dataclass
 class CompositionSpec:
-    """How every model trained on D_C is trained: one budget for CALM and the baselines alike."""
+    """How every model trained on D_C is trained: one budget for CALM and the baselines alike. The measurements
+    behind each choice are in results/kv_arithmetic/README.md."""
 
     # (m_A layer, m_B layer); -1 is the embeddings. One connection from m_A's key embeddings into m_B's input:
     # with keys padded to a value's width, the composition's job is to write each key's digits into its
@@ -58,38 +59,29 @@ class CompositionSpec:
     # that would be no block at all.)
     connections: list[list[int]] = field(default_factory=lambda: [[-1, -1]])
     # Four times m_B's 4: each of a key's slots reads the key at its own offset and writes its own digit, so
-    # heads specialise by slot. More heads leave the loss plateau more reliably: over the 3 seeds' base models,
-    # `kv_draws` with 3 composition seeds each left 2 of 9 draws on it with 8 heads (held-out keys: mean 73.5%)
-    # and none with 16 (92.3%; results/kv_arithmetic/README.md, "Before `augment_norm`, one run was one draw").
+    # heads specialise by slot. More heads also leave the loss plateau more reliably.
     num_heads: int = 16
     # KV-Substitution asks m_B to write out what m_A writes, which m_B cannot do from its inputs: a D_C that
-    # holds it adds a connection from m_A's last block into m_B's last, where m_A's next token can be read
-    # (seed-0 trial, D_C with both KV tasks: KV-Substitution 99% with it).
+    # holds it adds a connection from m_A's last block into m_B's last, where m_A's next token can be read.
     substitution_connection: bool = True
     # Rotary offsets in the cross-attention (not in the paper): without them a query tells m_A's positions
     # apart by content only, and a key's slots must read the key at offsets 0, 1 and 2.
     rope_theta: float | None = 10000.0
     # Dropout on m_A's states (not in the paper): the composition learns its map from m_A's states to m_B's
-    # digits on D_C's 100 keys alone, and dropout makes that map carry over to the other keys. Held-out keys on
-    # fixed bases (scratch trials, composition seeds 0 and 1): seed 0's 86 / 84% with 0.1 against 75 / 76%
-    # without, seed 1's 77 / 60% against 46%. 0.2 slows the escape from the plateau: in a full run, seed 1's
-    # CALM was still on it at step 3,000 (7% on held-out keys).
+    # digits on D_C's 100 keys alone, and dropout makes that map carry over to the other keys. More dropout
+    # slows the escape from the loss plateau.
     augment_dropout: float = 0.1
     # m_A's states at unit RMS before f_proj (the library's default). Weight decay leaves m_A's key embeddings
-    # about 0.1 long over 48 dimensions, and without it the composition could sit on its loss plateau for
-    # 1,000-1,500 steps. 3-seed table, held-out keys: 95.3 / 97.7 / 95.7% with it, 76.7 / 96.0 / 95.3% without.
+    # about 0.1 long over 48 dimensions, and without it the composition could sit on its loss plateau for long.
     augment_norm: bool = True
-    # ~31 passes over D_C's 3,125 examples. In the 3-seed run with augment_norm, CALM's loss fell below 0.3 by
-    # step 220; before it, between steps 380 and 1,020, and with an m_B trained on exact digits 2 of 6 runs were
-    # still on their plateau at 3,000.
+    # ~31 passes over D_C's 3,125 examples: time to leave the loss plateau and then converge.
     steps: int = 3000
     batch_size: int = 32
-    # Composition layers and LoRA adapters. Steering m_B through its inputs is slow and delicate: 1e-2 (or
-    # a tenth of the steps) left CALM at a few percent in two-digit trials where 1e-3 for ~2000 steps reached
-    # ~98%, and 3e-3 reached 7% where 1e-3 reached 94% in a three-digit one (D_C's keys).
+    # Composition layers and LoRA adapters. Steering m_B through its inputs is slow and delicate: higher rates
+    # left CALM at a few percent.
     lr: float = 1e-3
     full_finetune_lr: float = 1e-4  # every weight of m_B moves: a smaller step
-    weight_decay: float = 0.0  # AdamW's, on every model trained on D_C (`kv_draws --spec weight_decay=W` tries others)
+    weight_decay: float = 0.0  # AdamW's, on every model trained on D_C (research/ tried others with kv_draws.py)
 
     @classmethod
     def quick(cls) -> CompositionSpec:

@@ -39,13 +39,12 @@ KEY_PAD = "_"  # fills a key out to a value's width: 'abc__' lines up with '007'
 
 @dataclass
 class KVConfig:
-    """Every choice of the key-value arithmetic data; the paper's value is noted where it gives one."""
+    """Every choice of the key-value arithmetic data; the paper's value is noted where it gives one. The
+    measurements behind the choices that are not the paper's are in results/kv_arithmetic/README.md."""
 
     seed: int = 0
-    # D_KV. Values are a permutation of [value_min, value_max], as in the paper. 500 keys put 100 keys in D_C:
-    # the composition has to learn one map from m_A's key states to m_B's digits, and 100 keys pin it down.
-    # 20 keys (99 two-digit keys) let it learn each key by itself: a random m_A then did as well on D_C's keys
-    # (97.6%), and held-out keys stayed at ~2%.
+    # D_KV. Values are a permutation of [value_min, value_max], as in the paper. 500 keys put 100 keys in D_C,
+    # too many to learn one by one: the composition has to learn one map from m_A's key states to m_B's digits.
     num_keys: int = 500  # paper: 25_000
     key_len_min: int = 2  # paper: 2
     key_len_max: int = 6  # paper: 6
@@ -68,16 +67,15 @@ class KVConfig:
     reversed_results: bool = False
     # Not in the paper: each key is one token of a word-level vocabulary (digits, operators and markers stay
     # single characters). A large LM recalls an entity's attributes at the entity's last token; a 4-block
-    # model reading keys letter by letter recalls a value only where it writes it out (`kv_probe`: a linear
-    # probe on its states at a key's last letter finds the value's digits near chance), leaving nothing there
-    # to compose. One token per key also lets the key's first slot know which key it is (`pad_keys`).
+    # model reading keys letter by letter recalls a value only where it writes it out (research's `kv_probe.py`:
+    # a linear probe on its states at a key's last letter finds the value's digits near chance), leaving nothing
+    # there to compose. One token per key also lets the key's first slot know which key it is (`pad_keys`).
     # False: keys are spelled letter by letter, as in the paper's SentencePiece vocabulary.
     key_tokens: bool = True
     # Not in the paper, off by default: the vocabulary also has one token per value ('#07'), as BPE
     # vocabularies have a token per small number, and m_B's arithmetic training writes each operand either way
     # (digits or one token, at random), so that a key prompt 'abc+de=' lines up token for token with
-    # '#07+#22='. Tried on seed 0: m_B reached 65% after 5000 steps (vs 100% after 2000 with digits only) and
-    # CALM's KV-Arithmetic stayed at 1-3%, so it stays off.
+    # '#07+#22='. Off: in a trial it slowed m_B's arithmetic down and CALM learnt nothing.
     number_tokens: bool = False
     # Not in the paper: each key is followed by value_width - 1 pad tokens ('_'), so that a key prompt
     # 'abc__+de__=' lines up token for token with its numeric twin '007+020='. m_B finds an operand's digits at
@@ -91,18 +89,15 @@ class KVConfig:
     # seen keys and two operands there are 100*100*2 = 20,000 expressions.
     num_composition_examples: int = 2000
     # Tasks each D_C expression gives. The issue asks for both KV tasks, the paper's §3.2 for arithmetic only.
-    # Trained from scratch on both, the composition learns substitution but little arithmetic (3 seeds: KV-Sub
-    # 99.9%, KV-Arithmetic on held-out keys 18.8% against 96.2% without). `calm reproduce kv-arithmetic
-    # --ablations` also trains on the issue's D_C, from scratch and from the composition trained on this one,
-    # which keeps its arithmetic (95.6%) and learns substitution (100%) (`kv_reproduce`).
+    # Trained from scratch on both, the composition learns substitution but little arithmetic. `calm reproduce
+    # kv-arithmetic --ablations` also trains on the issue's D_C, from scratch and from the composition trained
+    # on this one, which keeps its arithmetic and learns substitution (`kv_reproduce`).
     composition_tasks: tuple[str, ...] = ("kv_arithmetic",)
     # Not in the paper: D_C also holds each seen key alone ('abc_=' -> '+007'), this many times. A one-key
-    # expression pins a key's digits down directly (trials, seed 0: 66% -> 98% on new expressions over D_C's
-    # keys).
+    # expression pins a key's digits down directly.
     single_key_examples: int = 5
     # Not in the paper: D_C also holds the Numeric-Arithmetic twin ('007+022=' -> '+0029') of this share of its
-    # expressions, so that the composition learns to leave m_B's digits alone (seed-0 trials: CALM's
-    # Numeric-Arithmetic 0% -> 96%, m_B's own 96.7%; KV-Arithmetic on held-out keys 58-67% -> 71%).
+    # expressions, so that the composition learns to leave m_B's digits alone.
     numeric_share: float = 0.25
     num_eval: int = 300  # examples per held-out evaluation set; paper: not stated
 

@@ -11,8 +11,9 @@ import torch
 from conftest import randomize, tiny
 
 import calm
+from calm import formats
 from calm.config import OPTIONS
-from calm.io import CONFIG_NAME, WEIGHTS_NAME
+from calm.serialization import CONFIG_NAME, WEIGHTS_NAME
 
 
 @pytest.fixture
@@ -46,12 +47,45 @@ def test_round_trip_gives_bit_identical_logits(saved):
 def test_every_option_survives_the_round_trip(tmp_path, pair):
     chosen = {"num_heads": 2, "qk_norm": False, "init": "paper", "augment_mode": "prompt", "rope_theta": None,
               "augment_dropout": 0.25, "augment_norm": False}
-    # Every CALMConfig option is in OPTIONS (what io, the run record and the CLI carry over), and none is left out.
+    # Every CALMConfig option is in OPTIONS (what saved files, the run record and the CLI carry over), none left out.
     given = set(inspect.signature(calm.CALMConfig).parameters) - {"connections", "anchor", "augments", "kwargs"}
     assert set(OPTIONS) == given == set(chosen)
     calm.compose(*pair, num_connections=1, **chosen).save_pretrained(tmp_path)
     loaded = calm.CALMForCausalLM.from_pretrained(tmp_path, anchor=pair[0], augments=[pair[1]])
     assert {key: getattr(loaded.config, key) for key in OPTIONS} == chosen
+
+
+def test_a_new_file_records_the_current_format_version(saved):
+    _, path = saved
+    assert json.loads((path / CONFIG_NAME).read_text())["format"] == f"calm/{formats.VERSION}" == "calm/2"
+
+
+def test_a_file_from_a_newer_calm_is_refused(saved):
+    model, path = saved
+    config = json.loads((path / CONFIG_NAME).read_text())
+    (path / CONFIG_NAME).write_text(json.dumps(config | {"format": "calm/3"}))
+    with pytest.raises(ValueError, match=r"format 'calm/3' was written by a newer version of calm, which this one "
+                                         r"cannot read \(it reads up to 'calm/2'\): upgrade calm-compose"):
+        calm.CALMForCausalLM.from_pretrained(path, anchor=model.anchor, augments=[model.augments[0]])
+
+
+@pytest.mark.parametrize("old_format", ["calm/1", None])  # None: no format field at all
+def test_a_version_1_file_rebuilds_with_the_options_it_was_made_with(saved, old_format):
+    """Version 1 predates rope_theta, augment_dropout and augment_norm: a version 1 file without them was made
+    without rotary positions, dropout or the norm (today's defaults would build another composition)."""
+    model, path = saved
+    config = json.loads((path / CONFIG_NAME).read_text())
+    for option in formats.VERSION_1_OPTIONS:
+        del config[option]
+    config.pop("format")
+    (path / CONFIG_NAME).write_text(json.dumps(config | ({"format": old_format} if old_format else {})))
+    loaded = calm.CALMForCausalLM.from_pretrained(path, anchor=model.anchor, augments=[model.augments[0]])
+    assert (loaded.config.rope_theta, loaded.config.augment_dropout, loaded.config.augment_norm) == (None, 0.0, False)
+
+    # What a version 1 file does record is kept.
+    (path / CONFIG_NAME).write_text(json.dumps(config | {"format": "calm/1", "augment_norm": "block"}))
+    loaded = calm.CALMForCausalLM.from_pretrained(path, anchor=model.anchor, augments=[model.augments[0]])
+    assert (loaded.config.rope_theta, loaded.config.augment_norm) == (None, "block")
 
 
 def test_loads_bases_from_recorded_paths(tmp_path, pair):

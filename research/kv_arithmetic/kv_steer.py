@@ -7,7 +7,7 @@ through the frozen m_B, and reports exact match on D_C's two-key prompts and on 
 same keys. It measures m_B alone, with the best possible m_A: compare an m_B trained with
 `--digit-mixup 0` (`python -m calm.experiments.kv_arithmetic --out DIR --digit-mixup 0`).
 
-    python -m calm.experiments.kv_steer RUN_DIR [--steps 300] [--lr 1e-2]
+    python research/kv_arithmetic/kv_steer.py RUN_DIR [--steps 300] [--lr 1e-2]
 """
 
 from __future__ import annotations

@@ -6,7 +6,8 @@ expressions over D_C's keys and over the other keys, so each draw's escape from 
 ends. The reproduction's own CALM is one more draw: its seed is drawn after the base models', so it matches none
 of these.
 
-    python -m calm.experiments.kv_draws RUN_DIR [--seeds 0 1 2] [--every 500] [--spec FIELD=JSON ...] [--threads N]
+    python research/kv_arithmetic/kv_draws.py RUN_DIR [--seeds 0 1 2] [--every 500] [--spec FIELD=JSON ...]
+        [--threads N]
 """
 
 from __future__ import annotations
@@ -14,16 +15,16 @@ from __future__ import annotations
 import argparse
 import json
 from collections.abc import Sequence
-from dataclasses import asdict, fields
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from transformers import PreTrainedTokenizerFast, TrainerCallback, set_seed
 
-from calm.config import LATER_OPTIONS
 from calm.experiments import with_changes
 from calm.experiments.kv_arithmetic import ExperimentConfig, evaluate_models, load_eval_sets, load_frozen
 from calm.experiments.kv_reproduce import CompositionSpec, compose, train_on_d_c
+from calm.formats import upgrade_options
 from calm.tasks.kv_arithmetic import read_jsonl
 
 SPLITS = {"kv_arithmetic_seen": "D_C keys", "kv_arithmetic_unseen": "held-out keys"}
@@ -48,9 +49,9 @@ def run_spec(run_dir: Path) -> CompositionSpec:
     if not results.is_file():
         return CompositionSpec()
     saved = json.loads(results.read_text())["settings"]["composition"]
-    # A field the run lacks is an option it predates: rebuild it as it was made, as a saved composition is.
-    made_without = {k: v for k, v in LATER_OPTIONS.items() if k in {f.name for f in fields(CompositionSpec)}}
-    return CompositionSpec(**made_without | saved)
+    # results.json records no format version. A field the run lacks is an option it predates: rebuild it as it
+    # was made, as a saved composition of format version 1 is.
+    return CompositionSpec(**upgrade_options(saved, version=1))
 
 
 def draws(run_dir: Path, seeds: Sequence[int], every: int = 500, examples: int = 150,

@@ -8,7 +8,7 @@ digit first; the composition has to write it. So the script also measures how fa
 key's states is from the exact one-hot digits, on seen and unseen keys, and how often that map's largest output
 is the right digit at every place of a key.
 
-    python -m calm.experiments.kv_probe RUN_DIR      (a directory written by `calm reproduce kv-arithmetic`)
+    python research/kv_arithmetic/kv_probe.py RUN_DIR (a directory written by `calm reproduce kv-arithmetic`)
 """
 
 from __future__ import annotations

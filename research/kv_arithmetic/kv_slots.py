@@ -7,7 +7,7 @@ the slots as written, and when each slot is first snapped to its nearest digit e
 slots is m_B's own embedding, during generation too, so "as written" is close to, not the same as, the composed
 model's score.
 
-    python -m calm.experiments.kv_slots RUN_DIR [--composition RUN_DIR/runs/calm]
+    python research/kv_arithmetic/kv_slots.py RUN_DIR [--composition RUN_DIR/runs/calm]
 """
 
 from __future__ import annotations
@@ -19,11 +19,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from kv_steer import key_slots
 from transformers import PreTrainedTokenizerFast
 
 import calm
 from calm.experiments.kv_arithmetic import ExperimentConfig, load_eval_sets, load_frozen
-from calm.experiments.kv_steer import key_slots
 from calm.tasks.kv_arithmetic import KEY_PAD, make_kv_data
 
 

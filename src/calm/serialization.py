@@ -10,7 +10,7 @@ import tempfile
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, TypeVar
 
 import torch
 from safetensors import SafetensorError
@@ -21,16 +21,16 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from .alignment import tokenizer_fingerprint
 from .blocks import base_info
-from .config import LATER_OPTIONS, OPTIONS, CALMConfig
+from .config import OPTIONS, CALMConfig
+from .formats import COMPOSITION, format_tag, read_version, upgrade_options
 
-if TYPE_CHECKING:
-    from .model import CALMForCausalLM
+# Saving and loading never import the model class: `CALMForCausalLM` imports this module, and passes itself in.
+Model = TypeVar("Model", bound=PreTrainedModel)
 
 CONFIG_NAME = "calm_config.json"
 ANCHOR_TOKENIZER_DIR = "tokenizer"
 AUGMENT_TOKENIZER_DIR = "augment_tokenizer"
 WEIGHTS_NAME = "calm.safetensors"
-FORMAT = "calm/1"
 _RECORD_FIELDS = {"name_or_path": str, "num_layers": int, "width": int, "vocab_size": int}
 _OPTIONAL_RECORD_FIELDS = {"tokenizer_fingerprint": str, "shares_tokenizer": bool}
 _CONFIG_FIELDS = {"connections": list, "num_heads": int, "qk_norm": bool, "init": str, "augment_mode": str,
@@ -73,7 +73,7 @@ def _sha256(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def save_composition(model: CALMForCausalLM, save_directory: str | os.PathLike, weights: dict | None = None) -> None:
+def save_composition(model: PreTrainedModel, save_directory: str | os.PathLike, weights: dict | None = None) -> None:
     """Write `calm_config.json` and `calm.safetensors` (only the composition layers, from `weights` when given)
     to `save_directory`. The config records the weights file's checksum; both files replace the old ones only
     once both are written completely."""
@@ -82,7 +82,7 @@ def save_composition(model: CALMForCausalLM, save_directory: str | os.PathLike, 
     weights = model.composition.state_dict() if weights is None else weights
     state = {k: v.detach().contiguous().cpu() for k, v in weights.items()}
     config = {key: getattr(model.config, key) for key in (*_CONFIG_FIELDS, *OPTIONS)}
-    config["format"] = FORMAT
+    config["format"] = format_tag(COMPOSITION)
 
     def write_weights(tmp: str) -> None:
         save_file(state, tmp, metadata={"format": "pt"})
@@ -131,7 +131,8 @@ def load_tokenizers(directory: str | os.PathLike, config: CALMConfig, tokenizer:
 
 
 def load_config(directory: str | os.PathLike) -> CALMConfig:
-    """Read and check `calm_config.json`; raise `ValueError` naming the missing or wrong-typed field."""
+    """Read `calm_config.json`, upgrade it to the current format version (`calm.formats`), and check it; raise
+    `ValueError` naming a missing or wrong-typed field, or a format this calm cannot read."""
     path = Path(directory) / CONFIG_NAME
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: not a saved composition directory")
@@ -141,22 +142,21 @@ def load_config(directory: str | os.PathLike) -> CALMConfig:
         raise ValueError(f"{path} is not valid JSON: {e}") from None
     if not isinstance(raw, dict):
         raise ValueError(f"{path} must hold a JSON object, got {type(raw).__name__}")
-    if raw.get("format", FORMAT) != FORMAT:
-        raise ValueError(f"{path}: format {raw['format']!r} is not supported: expected {FORMAT!r} (written by "
-                         "another version of calm?)")
+    raw = upgrade_options(raw, read_version(raw.get("format"), COMPOSITION, str(path)))
     checksum = raw.get(_CHECKSUM_FIELD)
     if checksum is not None and not isinstance(checksum, str):
         raise ValueError(f"{path}: field {_CHECKSUM_FIELD!r} must be str, got {type(checksum).__name__}")
-    for field, kind in _CONFIG_FIELDS.items():
+    for field in dict.fromkeys((*_CONFIG_FIELDS, *OPTIONS)):
         if field not in raw:
             raise ValueError(f"{path}: field {field!r} is missing")
+        kind = _CONFIG_FIELDS.get(field, object)  # CALMConfig checks the other options' values
         if not isinstance(raw[field], kind) or (kind is int and isinstance(raw[field], bool)):
             raise ValueError(f"{path}: field {field!r} must be {kind.__name__}, got {type(raw[field]).__name__}")
     for who, record in [("anchor", raw["anchor"]), *((f"augments[{i}]", r) for i, r in enumerate(raw["augments"]))]:
         _check_record(path, who, record)
     if len(raw["augments"]) != len(raw["connections"]):
         raise ValueError(f"{path}: {len(raw['augments'])} augments but {len(raw['connections'])} connection lists")
-    kwargs = {k: raw[k] for k in _CONFIG_FIELDS} | {k: raw.get(k, v) for k, v in LATER_OPTIONS.items()}
+    kwargs = {k: raw[k] for k in (*_CONFIG_FIELDS, *OPTIONS)}
     try:
         config = CALMConfig(**kwargs, vocab_size=raw["anchor"]["vocab_size"])
     except ValueError as e:  # options and connections, checked against the recorded base models
@@ -198,10 +198,10 @@ def check_base(config_record: dict, model: PreTrainedModel, who: str) -> None:
                       stacklevel=4)  # the line that called CALMForCausalLM.from_pretrained
 
 
-def load_composition(cls: type[CALMForCausalLM], directory: str | os.PathLike, anchor: PreTrainedModel | None,
+def load_composition(cls: type[Model], directory: str | os.PathLike, anchor: PreTrainedModel | None,
                      augments: list[PreTrainedModel] | None, *, tokenizer: Any = None,
                      augment_tokenizers: Sequence[Any] | None = None, trust_remote_code: bool = False,
-                     **base_kwargs: Any) -> CALMForCausalLM:
+                     **base_kwargs: Any) -> Model:
     """Rebuild a composition from `directory` on the given (or recorded) base models and load its weights.
 
     Everything is checked before anything is loaded: a bad file or a wrong base model raises `ValueError` (or

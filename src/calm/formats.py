@@ -1,0 +1,49 @@
+"""Versions of the files that record a composition's options: a saved composition's `calm_config.json` (format
+"calm/N") and a training run's `train_config.json` (format "calm-run/N").
+
+A file written without a version is version 1. A reader first upgrades what a file records to the current
+version, then checks it as if it had been written today. A newer version than this calm knows is refused,
+because its fields may mean something that this calm would get wrong.
+
+A new composition option (`calm.config.OPTIONS`) needs a new version. Files of the version before it lack the
+option, so the upgrade step to the new version fills in the value that those files were made with.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+VERSION = 2
+COMPOSITION = "calm"  # calm_config.json
+RUN_RECORD = "calm-run"  # train_config.json
+
+# Version 1 predates these options. When a version 1 file lacks one, it was made before the option existed, with
+# this value, and must be rebuilt with it: today's default would build a different composition.
+VERSION_1_OPTIONS = {"rope_theta": None, "augment_dropout": 0.0, "augment_norm": False}
+
+
+def format_tag(kind: str) -> str:
+    """The format a new file of `kind` records, e.g. "calm/2"."""
+    return f"{kind}/{VERSION}"
+
+
+def read_version(tag: Any, kind: str, source: str) -> int:
+    """The version of a file of `kind` whose format field holds `tag` (None when there is no such field: version
+    1). Raise `ValueError`, naming `source`, for a tag of another kind of file or a version this calm cannot read."""
+    if tag is None:
+        return 1
+    name, _, number = tag.partition("/") if isinstance(tag, str) else ("", "", "")
+    if name != kind or not number.isdigit() or int(number) < 1:
+        raise ValueError(f"{source}: format {tag!r} is not supported: expected {format_tag(kind)!r} (or an older "
+                         "version)")
+    if int(number) > VERSION:
+        raise ValueError(f"{source}: format {tag!r} was written by a newer version of calm, which this one cannot "
+                         f"read (it reads up to {format_tag(kind)!r}): upgrade calm-compose")
+    return int(number)
+
+
+def upgrade_options(options: dict[str, Any], version: int) -> dict[str, Any]:
+    """A composition's options as a file of format `version` records them, upgraded to the current version."""
+    if version < 2:  # the one step, 1 -> 2: fill in what version 1 files predate
+        options = VERSION_1_OPTIONS | options
+    return options
