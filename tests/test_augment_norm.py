@@ -34,18 +34,23 @@ def test_layer_output_does_not_depend_on_the_augments_scale():
         assert not torch.allclose(update(plain, anchor, augment * scale), update(plain, anchor, augment), atol=1e-3)
 
 
+def assert_same_weights_other_output(one, other) -> None:
+    """Two compositions with the same weight names differ in output once given the same random weights."""
+    assert one.composition.state_dict().keys() == other.composition.state_dict().keys()
+    randomize(one)
+    other.composition.load_state_dict(one.composition.state_dict())
+    ids, mask = left_padded(3)
+    with torch.no_grad():
+        assert not torch.allclose(one(input_ids=ids, attention_mask=mask).logits,
+                                  other(input_ids=ids, attention_mask=mask).logits, atol=1e-4)
+
+
 def test_on_by_default_with_no_weights_of_its_own():
     anchor, augment = pair()
     normed = calm.compose(anchor, augment, num_connections=2)
     plain = calm.compose(anchor, augment, num_connections=2, augment_norm=False)
     assert normed.config.augment_norm is True and plain.config.augment_norm is False
-    assert normed.composition.state_dict().keys() == plain.composition.state_dict().keys()
-    randomize(normed)
-    plain.composition.load_state_dict(normed.composition.state_dict())
-    ids, mask = left_padded(3)
-    with torch.no_grad():
-        assert not torch.allclose(normed(input_ids=ids, attention_mask=mask).logits,
-                                  plain(input_ids=ids, attention_mask=mask).logits, atol=1e-4)
+    assert_same_weights_other_output(normed, plain)
 
 
 @pytest.mark.parametrize("value", [1, 0, "yes", "Block", None])
@@ -118,14 +123,8 @@ def test_block_mode_adds_no_weights_and_changes_the_output():
             layer.input_layernorm.weight.normal_(1.0, 0.5)
     block = calm.compose(anchor, augment, num_connections=2, augment_norm="block")
     rms = calm.compose(anchor, augment, num_connections=2)
-    assert block.composition.state_dict().keys() == rms.composition.state_dict().keys()
     assert block.trainable_parameters() == rms.trainable_parameters()
-    randomize(block)
-    rms.composition.load_state_dict(block.composition.state_dict())
-    ids, mask = left_padded(3)
-    with torch.no_grad():
-        assert not torch.allclose(block(input_ids=ids, attention_mask=mask).logits,
-                                  rms(input_ids=ids, attention_mask=mask).logits, atol=1e-4)
+    assert_same_weights_other_output(block, rms)
 
 
 def test_block_mode_generates_with_the_cache_as_without():
