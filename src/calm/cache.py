@@ -23,19 +23,14 @@ class CALMCache(Cache):
 
     def __init__(self, anchor_config: PretrainedConfig, augment_configs: list[PretrainedConfig],
                  connections: list[list], aligners: list[TokenizerAligner | None] | None = None) -> None:
-        # Cache.__init__ would assign `layers`, which is derived here; set the attributes it would have set.
-        self.layer_class_to_replicate = None
-        self.offloading = False
         self.anchor = DynamicCache(config=anchor_config)
         self.augments = [DynamicCache(config=c) for c in augment_configs]
         self.projected = [[DynamicLayer() for _ in conns] for conns in connections]
         self.alignments = [None if a is None else AlignmentState(a) for a in (aligners or [None] * len(connections))]
-
-    @property
-    def layers(self) -> list:
+        # The same layer objects as the sub-caches hold: a Cache method acting on `layers` acts on them.
         augment_layers = [layer for cache in self.augments for layer in cache.layers]
         projected = [layer for conns in self.projected for layer in conns]
-        return [*self.anchor.layers, *augment_layers, *projected]
+        super().__init__(layers=[*self.anchor.layers, *augment_layers, *projected])
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         """Tokens the anchor has seen (the composed model's sequence length so far)."""

@@ -4,12 +4,20 @@ augmenting models, as a regular transformers `PreTrainedModel` with `generate()`
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import nn
-from transformers import GenerationMixin, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    GenerationConfig,
+    GenerationMixin,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .alignment import TokenizerAligner, same_tokenizer, tokenizer_fingerprint
@@ -63,7 +71,6 @@ class CALMForCausalLM(PreTrainedModel, GenerationMixin):
     config_class = CALMConfig
     base_model_prefix = "calm"
     main_input_name = "input_ids"
-    _supports_sdpa = True
 
     def __init__(self, config: CALMConfig, anchor: PreTrainedModel, augments: Sequence[PreTrainedModel],
                  tokenizer: PreTrainedTokenizerBase | None = None,
@@ -100,8 +107,28 @@ class CALMForCausalLM(PreTrainedModel, GenerationMixin):
         for base in (anchor, *augments):
             base.requires_grad_(False)
             base.eval()
-        self.generation_config = anchor.generation_config
+        self.generation_config = self._own_generation_config(anchor, config)
         self.post_init()
+
+    @staticmethod
+    def _own_generation_config(anchor: PreTrainedModel, config: CALMConfig) -> GenerationConfig:
+        """A copy of the anchor's (changing one never changes the other), with the composition's special token
+        ids where the anchor's generation config has none."""
+        generation_config = copy.deepcopy(anchor.generation_config)
+        for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+            if getattr(generation_config, name, None) is None and getattr(config, name, None) is not None:
+                setattr(generation_config, name, getattr(config, name))
+        return generation_config
+
+    def get_input_embeddings(self) -> nn.Module:
+        """The anchor's token embeddings (what `enable_input_require_grads` and embedding hooks act on)."""
+        return self.anchor.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.anchor.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module | None:
+        return self.anchor.get_output_embeddings()
 
     @staticmethod
     def _aligners(config: CALMConfig, tokenizer, augment_tokenizers) -> list[TokenizerAligner | None]:
@@ -132,7 +159,7 @@ class CALMForCausalLM(PreTrainedModel, GenerationMixin):
 
     def forward(
         self,
-        input_ids: torch.LongTensor,
+        input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
         cache: CALMCache | None = None,
@@ -143,6 +170,7 @@ class CALMForCausalLM(PreTrainedModel, GenerationMixin):
         augment_length: int | torch.Tensor | None = None,
         augment_states: list[dict[int, torch.Tensor]] | None = None,
         augment_inputs: list[dict[str, torch.Tensor] | None] | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
         **kwargs: Any,
     ) -> CausalLMOutputWithPast:
         """Composed causal-LM forward pass.
@@ -152,8 +180,10 @@ class CALMForCausalLM(PreTrainedModel, GenerationMixin):
         With a `cache`, only the new tokens are passed, as in any transformers model. `augment_states`
         (from `compute_augment_states` on the same input) skips the augments' forward passes. `augment_inputs`
         (from `align`, as the training collator builds them) gives each cross-tokenizer augment its own token ids
-        and alignment; they are worked out from `input_ids` when not given.
+        and alignment; they are worked out from `input_ids` when not given. `inputs_embeds` replaces the anchor's
+        token embeddings; the augments still read `input_ids`, which must then be given for the same tokens.
         """
+        _check_inputs(input_ids, inputs_embeds)
         if "past_key_values" in kwargs:  # deprecated alias of `cache` in transformers 5
             cache = cache if cache is not None else kwargs.pop("past_key_values")
         mode = self._augment_mode(augment_mode)
@@ -175,7 +205,8 @@ class CALMForCausalLM(PreTrainedModel, GenerationMixin):
         )
         with self._inject(keys_values, masks, position_ids):
             out = self.anchor(
-                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                input_ids=None if inputs_embeds is not None else input_ids, inputs_embeds=inputs_embeds,
+                attention_mask=attention_mask, position_ids=position_ids,
                 cache=cache.anchor if cache is not None else None, use_cache=use_cache, labels=labels,
                 logits_to_keep=logits_to_keep, **kwargs,
             )
@@ -414,6 +445,16 @@ class CALMForCausalLM(PreTrainedModel, GenerationMixin):
             )
         model_kwargs["cache"] = self.new_cache()
 
+    def prepare_inputs_for_generation(self, input_ids: torch.LongTensor, *args: Any,
+                                      inputs_embeds: torch.Tensor | None = None, **kwargs: Any) -> dict:
+        """transformers' preparation, except that a first step from `inputs_embeds` keeps the token ids, which the
+        augments read."""
+        inputs = super().prepare_inputs_for_generation(input_ids, *args, inputs_embeds=inputs_embeds, **kwargs)
+        embeds = inputs.get("inputs_embeds")
+        if embeds is not None and inputs.get("input_ids") is None and input_ids.shape[1] >= embeds.shape[1]:
+            inputs["input_ids"] = input_ids[:, input_ids.shape[1] - embeds.shape[1]:]
+        return inputs
+
     @torch.no_grad()
     def generate(self, inputs: torch.Tensor | None = None, augment_mode: str | None = None, **kwargs: Any):
         """`transformers` generation; `augment_mode` overrides the config's ("iterative" or "prompt")."""
@@ -459,6 +500,21 @@ class CALMForCausalLM(PreTrainedModel, GenerationMixin):
         return load_composition(cls, path, anchor, augments, tokenizer=tokenizer,
                                 augment_tokenizers=augment_tokenizers, trust_remote_code=trust_remote_code,
                                 **base_kwargs)
+
+
+def _check_inputs(input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None) -> None:
+    if input_ids is None:
+        what = "inputs_embeds without input_ids" if inputs_embeds is not None else "no input_ids"
+        raise ValueError(f"got {what}: the augmenting models read the token ids, so input_ids is required "
+                         "(inputs_embeds may replace the anchor's embeddings of the same tokens)")
+    if inputs_embeds is not None and inputs_embeds.shape[:2] != input_ids.shape:
+        raise ValueError(f"inputs_embeds has shape {tuple(inputs_embeds.shape)} but input_ids "
+                         f"{tuple(input_ids.shape)}: they must describe the same (batch, length) tokens")
+
+
+# `pipeline("text-generation")`, `AutoConfig.for_model("calm")` and the Auto classes know a composition.
+AutoConfig.register(CALMConfig.model_type, CALMConfig, exist_ok=True)
+AutoModelForCausalLM.register(CALMConfig, CALMForCausalLM, exist_ok=True)
 
 
 def compose(
