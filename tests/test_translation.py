@@ -84,6 +84,36 @@ def test_english_prose_is_prose_and_split():
         task.english_prose("train")
 
 
+def test_replay_prose_is_disjoint_from_the_perplexity_sets():
+    replay = task.replay_prose()
+    assert len(replay) > 300 and sum(map(len, replay)) > 100_000
+    held_out = set(task.english_prose("validation")) | set(task.english_prose("test"))
+    assert not set(replay) & held_out
+    assert all(">>>" not in p and len(p) >= 200 for p in replay)
+    example = task.replay_example("one two three four five six seven eight nine ten eleven")
+    assert example == {"prompt": "one two three four five six seven eight", "completion": " nine ten eleven"}
+
+
+def test_replay_pieces_fit_and_join_d_c():
+    from tokenizer_support import char_tokenizer
+
+    tokenizer = char_tokenizer()  # one token per character: pieces of at most 255 characters
+    spec = exp.TranslationSpec(replay_size=30, max_length=256)
+    pieces = exp.replay_pieces(spec, tokenizer)
+    assert len(pieces) == 30 and pieces == exp.replay_pieces(spec, tokenizer)  # drawn once, no run seed
+    for piece in pieces:
+        example = task.replay_example(piece)
+        assert len(tokenizer(example["prompt"] + example["completion"])["input_ids"]) + 1 <= 256
+        assert any(piece in paragraph for paragraph in task.replay_prose())  # whole sentences of one paragraph
+    assert exp.replay_pieces(exp.TranslationSpec(replay_size=0), tokenizer) == []
+    with pytest.raises(ValueError, match="replay_size=100000 is more than"):
+        exp.replay_pieces(exp.TranslationSpec(replay_size=100_000, max_length=256), tokenizer)
+    pair = task.Pair("Acts 1:1", "Acts", "джерело", "The source.")
+    data = exp.Data(train=[pair], eval=[], shots=[], replay=pieces[:2])
+    examples = data.training_examples("uk")
+    assert examples[0] == task.example(pair, "uk") and examples[1:] == [task.replay_example(p) for p in pieces[:2]]
+
+
 def fake_result(seed: int, calm_chrf: float) -> exp.TranslationResult:
     refs = ["He came.", "They went up to the temple to pray.", "Peter said to them, repent, and be baptized."]
     outputs = {"m_B, few-shot": ["He went.", "They went.", "Peter said."],

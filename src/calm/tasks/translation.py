@@ -147,3 +147,29 @@ def english_prose(split: str = "test", max_paragraphs: int = 0) -> list[str]:
                 paragraphs.append(paragraph)
     paragraphs = list(dict.fromkeys(paragraphs))
     return paragraphs[:max_paragraphs] if max_paragraphs else paragraphs
+
+
+@cache
+def replay_prose() -> tuple[str, ...]:
+    """General English for D_C, so that training asks the composition to leave text other than a translation
+    alone: the prose paragraphs (≥ 200 characters, mostly letters, no code) of the Python Language Reference
+    that every CPython ships in `pydoc_data` (about 550 paragraphs, 200k characters). Disjoint from
+    `english_prose`, which measures the anchor's perplexity on package descriptions."""
+    from pydoc_data.topics import topics
+
+    paragraphs = []
+    for block in re.split(r"\n\s*\n", "\n\n".join(topics.values())):
+        lines = [line.strip() for line in block.splitlines()]
+        paragraph = _clean(block)
+        letters = sum(c.isalpha() or c.isspace() for c in paragraph)
+        if (len(paragraph) >= 200 and letters >= 0.9 * len(paragraph)
+                and not any(line.startswith((">>>", "...")) for line in lines)):
+            paragraphs.append(paragraph)
+    return tuple(dict.fromkeys(paragraphs))
+
+
+def replay_example(text: str, prompt_words: int = 8) -> dict[str, str]:
+    """Prose as a prompt/completion example, so that it mixes with the verses: the first words are the prompt
+    (what a prompt-only augment reads), the loss is on the rest."""
+    words = text.split(" ")
+    return {"prompt": " ".join(words[:prompt_words]), "completion": " " + " ".join(words[prompt_words:])}
