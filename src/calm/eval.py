@@ -65,21 +65,28 @@ def exact_match(model: Any, tokenizer: Any, examples: Sequence[dict], max_new_to
 def mean_loss(model: Any, tokenizer: Any, examples: Any, batch_size: int = 32, max_length: int = 2048,
               **forward_kwargs: Any) -> float:
     """Token-weighted mean loss (on completions for prompt/completion data, else on all tokens). Examples are
-    cut to `max_length` and to the model's context; token ids outside its vocabulary are a `DataError`."""
+    cut to `max_length` and to the model's context; token ids outside its vocabulary are a `DataError`.
+
+    A composition in "prompt" augment mode (its config's, or `augment_mode="prompt"` in `forward_kwargs`) is
+    scored as it is trained: the augments read each example's prompt only (`augment_length`), never the
+    completion whose loss is measured."""
     configs = model_configs(model)
     context = context_length(configs)
     dataset = tokenize(examples, tokenizer, max_length if context is None else min(max_length, context))
     vocab_size = getattr(configs[0].get_text_config(decoder=True), "vocab_size", None) if configs else None
     if isinstance(vocab_size, int):
         check_token_ids(dataset, vocab_size, pad_token_id(tokenizer))
-    collate = PaddingCollator(pad_token_id(tokenizer))
+    collate = PaddingCollator(pad_token_id(tokenizer))  # right padding: prompt lengths count columns
     device = getattr(model, "device", "cpu")
+    prompt_mode = _augment_mode(model, forward_kwargs.get("augment_mode")) == "prompt" and \
+        "augment_length" not in forward_kwargs
     total, count = 0.0, 0
     for start in range(0, len(dataset), batch_size):
         batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
         labels = batch["labels"].to(device)
+        extra = {"augment_length": batch["augment_length"].to(device)} if prompt_mode else {}
         logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
-                       **forward_kwargs).logits
+                       **extra, **forward_kwargs).logits
         losses = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
                                                    ignore_index=-100, reduction="sum")
         total += float(losses)
@@ -87,12 +94,19 @@ def mean_loss(model: Any, tokenizer: Any, examples: Any, batch_size: int = 32, m
     return total / max(count, 1)
 
 
+def _augment_mode(model: Any, augment_mode: str | None) -> str | None:
+    """The augment mode a forward pass of `model` runs in: `augment_mode` when given, else the composition's own
+    (None for a model that is not a composition)."""
+    return augment_mode if augment_mode is not None else getattr(getattr(model, "config", None), "augment_mode", None)
+
+
 def evaluate_file(model: Any, tokenizer: Any, data: Any, max_new_tokens: int = 64, batch_size: int = 32,
                   augment_mode: str | None = None) -> dict[str, float]:
     """Loss and, for prompt/completion data, exact match of greedy completions on a JSONL file or dataset."""
     examples = load_examples(data)
     mode = {} if augment_mode is None else {"augment_mode": augment_mode}
-    metrics: dict[str, float] = {"examples": len(examples), "loss": mean_loss(model, tokenizer, examples, batch_size)}
+    loss = mean_loss(model, tokenizer, examples, batch_size, **mode)
+    metrics: dict[str, float] = {"examples": len(examples), "loss": loss}
     if examples.format == PROMPT_COMPLETION:
         metrics["exact_match"] = exact_match(model, tokenizer, examples.examples, max_new_tokens, batch_size, **mode)
     return metrics
