@@ -218,8 +218,9 @@ class CALMForCausalLM(PreTrainedModel, GenerationMixin):
                     pairs = [(layer.keys, layer.values) for layer in cache.projected[k]]
                 else:
                     augment_cache = cache.augments[k] if cache is not None and mode == "iterative" else None
-                    states = augment_states[k] if augment_states is not None else self._run_augment(
-                        k, shared_ids, shared_mask, shared_positions, augment_cache)
+                    states = self._given_states(k, augment_states[k], shared_ids.shape[1], length) \
+                        if augment_states is not None else self._run_augment(
+                            k, shared_ids, shared_mask, shared_positions, augment_cache)
                     pairs = self._project(k, states, shared_positions, cache)
                 if shared_cross_mask is None:
                     prompt_length = augment_length if mode == "prompt" else None
@@ -229,6 +230,17 @@ class CALMForCausalLM(PreTrainedModel, GenerationMixin):
             keys_values.append(pairs)
             masks.append(mask)
         return keys_values, masks
+
+    @staticmethod
+    def _given_states(k: int, states: dict[int, torch.Tensor], length: int, whole: int) -> dict[int, torch.Tensor]:
+        """Precomputed states of augment k, over the `whole` input (as `compute_augment_states` gives them) or
+        over just the `length` positions the augment reads, cut to those: the prompt, for an int `augment_length`
+        in "prompt" mode. The augment is causal: its states over the prompt do not depend on what follows."""
+        have = {h.shape[1] for h in states.values()}
+        if len(have) != 1 or not have <= {length, whole}:
+            raise ValueError(f"augment_states[{k}] covers {sorted(have)} positions, but the input has {whole} and the "
+                             f"augment reads {length}: compute them with compute_augment_states on the same input")
+        return {a: h[:, :length] for a, h in states.items()}
 
     def _project(self, k: int, states: dict[int, torch.Tensor], positions: torch.Tensor,
                  cache: CALMCache | None) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -261,6 +273,11 @@ class CALMForCausalLM(PreTrainedModel, GenerationMixin):
                 else torch.tensor(prompt_lengths))
             real, visible_from = new["attention_mask"], new["visible_from"]
         if new is not None and new["input_ids"].shape[1] > 0:
+            if states is not None and any(h.shape[1] != new["input_ids"].shape[1] for h in states.values()):
+                raise ValueError(f"augment_states[{k}] do not cover the {new['input_ids'].shape[1]} tokens augment {k} "
+                                 "reads in its own tokenizer: compute them with compute_augment_states(input_ids, "
+                                 "attention_mask, augment_inputs=model.align(input_ids, attention_mask, "
+                                 "augment_length))")
             if states is None:
                 states = self._run_augment(k, new["input_ids"], real, new["position_ids"],
                                            None if cache is None else cache.augments[k])
