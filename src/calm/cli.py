@@ -20,6 +20,7 @@ from transformers import set_seed
 
 from .config import OPTIONS
 from .data import ExampleSet, load_examples
+from .eval import MATCH_MODES
 from .formats import RUN_RECORD, read_version, upgrade_options
 from .train import TrainConfig, TrainResult, data_limits, prepare_dataset, train
 
@@ -337,7 +338,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     model = load_composition(args)
     tokenizer = composition_tokenizer(model, args)
     metrics = evaluate_file(model, tokenizer, examples, max_new_tokens=args.max_new_tokens,
-                            batch_size=args.batch_size, augment_mode=args.augment_mode)
+                            batch_size=args.batch_size, augment_mode=args.augment_mode, match=args.exact_match_mode)
     print(json.dumps(metrics, indent=2))
 
 
@@ -463,6 +464,10 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             sub.add_argument("--data", required=True, type=Path, help="JSONL of {prompt, completion}")
             sub.add_argument("--batch-size", type=_positive_int, default=32)
+            sub.add_argument("--exact-match-mode", default="stripped", choices=MATCH_MODES,
+                             help="what counts as exact (calm.eval.is_exact_match): stripped (the default): equal "
+                                  "once whitespace at the ends is stripped; exact: the completion, character for "
+                                  "character, then EOS")
 
     sub = command("serve", cmd_serve, "serve a composition over an OpenAI-compatible HTTP API")
     sub.add_argument("--composition", required=True, help="directory written by save_pretrained / calm train")
