@@ -25,7 +25,7 @@ def test_identity_at_init_is_exact(pair):
 
 def test_paper_init_changes_the_output(pair):
     anchor, augment = pair
-    model = calm.compose(anchor, augment, num_connections=2, init="paper")
+    model = calm.compose(anchor, augment, num_connections=2, init="random")
     x = ids()
     with torch.no_grad():
         assert not torch.allclose(model(input_ids=x).logits, anchor(input_ids=x).logits)
@@ -99,7 +99,7 @@ def test_bases_frozen_and_composition_trained(pair):
 
 
 def test_gradients_reach_every_composition_layer(pair):
-    model = calm.compose(*pair, num_connections=3, init="paper")
+    model = calm.compose(*pair, num_connections=3, init="random")
     x = ids()
     model(input_ids=x, labels=x).loss.backward()
     for n, p in model.composition.named_parameters():

@@ -18,7 +18,7 @@ from typing import Any
 
 from transformers import set_seed
 
-from .config import OPTIONS
+from .config import DEPRECATED_INITS, INITS, OPTIONS
 from .data import ExampleSet, load_examples
 from .eval import MATCH_MODES
 from .formats import RUN_RECORD, read_version, upgrade_options
@@ -69,7 +69,11 @@ def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
     which.add_argument("--every", type=int, default=None, help="tap every k-th augment block (paper: 4)")
     group.add_argument("--num-heads", type=int, default=None, help="cross-attention heads (default: the anchor's)")
     group.add_argument("--qk-norm", action=argparse.BooleanOptionalAction, default=True,
-                       help="RMS-normalise cross-attention queries and keys")
+                       help="RMS-normalise what the cross-attention queries and keys read (the anchor's states, "
+                            "f_proj's output)")
+    group.add_argument("--value-norm", action=argparse.BooleanOptionalAction, default=True,
+                       help="RMS-normalise what the cross-attention values read (f_proj's output, through the keys' "
+                            "norm)")
     group.add_argument("--rope-theta", type=parse_rope_theta, default=10000.0,
                        help="rotary position base of the cross-attention ('none': no position encoding, as the "
                             "paper's code)")
@@ -82,7 +86,10 @@ def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
                             "with massive activations, e.g. Gemma); none leaves it as it is")
     group.add_argument("--no-augment-norm", dest="augment_norm", action="store_false",
                        help="the same as --augment-norm none")
-    group.add_argument("--init", default="identity", choices=["identity", "paper"], help="composition init")
+    group.add_argument("--init", default="identity", choices=[*INITS, *DEPRECATED_INITS],
+                       help="identity (the default): zero output projections, so the composition starts as exactly "
+                            "the anchor; random: PyTorch's default init of every projection (paper: a deprecated "
+                            "name of random)")
     group.add_argument("--augment-mode", default="iterative", choices=["iterative", "prompt"],
                        help="augments read every token (iterative, the paper's default) or only the prompt")
 
@@ -198,11 +205,17 @@ def compose_from_args(args: argparse.Namespace, tokenizer: Any = None):
     augment_tokenizers = augment_tokenizers_from_args(args)
     if augment_tokenizers is not None and tokenizer is None:
         tokenizer = load_tokenizer(args.tokenizer or args.anchor)
+    init = args.init
+    if init in DEPRECATED_INITS:
+        print(f"calm: warning: --init {init} is deprecated: it is now called --init {DEPRECATED_INITS[init]}",
+              file=sys.stderr)
+        init = DEPRECATED_INITS[init]
     anchor = load_base(args.anchor, args)
     augments = [load_base(name, args) for name in args.augment]
     try:
         return calm.compose(anchor, augments, connections=args.connections, num_connections=args.num_connections,
-                            every=args.every, num_heads=args.num_heads, qk_norm=args.qk_norm, init=args.init,
+                            every=args.every, num_heads=args.num_heads, qk_norm=args.qk_norm,
+                            value_norm=args.value_norm, init=init,
                             augment_mode=args.augment_mode, rope_theta=args.rope_theta,
                             augment_dropout=args.augment_dropout, augment_norm=args.augment_norm,
                             tokenizer=tokenizer if augment_tokenizers is not None else None,

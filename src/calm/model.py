@@ -15,7 +15,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from .alignment import TokenizerAligner, same_tokenizer, tokenizer_fingerprint
 from .blocks import BaseInfo, base_info, decoder_blocks, next_input_norm
 from .cache import CALMCache
-from .config import AUGMENT_MODES, CALMConfig, resolve_connections
+from .config import AUGMENT_MODES, CALMConfig, resolve_connections, resolve_init
 from .layers import CrossAttention
 from .serialization import load_composition, save_composition
 
@@ -83,7 +83,8 @@ class CALMForCausalLM(PreTrainedModel, GenerationMixin):
         self.composition = nn.ModuleList(
             nn.ModuleList(
                 CrossAttention(base_info(augment).width, anchor_info.width, config.num_heads, config.qk_norm,
-                               config.init, config.rope_theta, config.augment_dropout, config.augment_norm is True)
+                               config.init, config.rope_theta, config.augment_dropout, config.augment_norm is True,
+                               value_norm=config.value_norm)
                 for _ in conns
             )
             for augment, conns in zip(augments, config.connections)
@@ -487,6 +488,7 @@ def compose(
     every: int | None = None,
     num_heads: int | None = None,
     qk_norm: bool = True,
+    value_norm: bool = True,
     init: str = "identity",
     augment_mode: str = "iterative",
     rope_theta: float | None = 10000.0,
@@ -503,7 +505,10 @@ def compose(
     augment block, the paper's choice). With none, every 4th augment block is tapped. `num_heads` defaults to
     the anchor's attention heads. `augment_norm` sets how f_proj reads the augment's states: True scales each to
     unit RMS, "block" reads them through the augment's own next-block input norm (for pretrained augments with
-    massive activations), False leaves them as they are.
+    massive activations), False leaves them as they are. `qk_norm` RMS-normalises what the queries and keys
+    read, `value_norm` what the values read (f_proj's output, through the keys' norm). `init="identity"` zeroes
+    each output projection, so the composition starts as exactly the anchor; "random" keeps PyTorch's default
+    init.
 
     Models need not share a tokenizer: pass the anchor's `tokenizer` and the augment's `augment_tokenizer`
     (`augment_tokenizers=[...]` with several augments). An augment whose tokenizer is the anchor's (compared by
@@ -534,7 +539,8 @@ def compose(
     if isinstance(heads, int) and not isinstance(heads, bool) and heads > 0 and anchor_info.width % heads:
         raise ValueError(f"num_heads={heads} must divide the anchor's hidden width {anchor_info.width}")
     config = CALMConfig(
-        connections=[[list(p) for p in r] for r in resolved], num_heads=heads, qk_norm=qk_norm, init=init,
+        connections=[[list(p) for p in r] for r in resolved], num_heads=heads, qk_norm=qk_norm,
+        value_norm=value_norm, init=resolve_init(init),
         augment_mode=augment_mode, rope_theta=rope_theta, augment_dropout=augment_dropout,
         augment_norm=augment_norm,
         anchor=_record(anchor_info, anchor, tokenizer),
