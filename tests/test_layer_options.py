@@ -1,18 +1,23 @@
 """The cross-attention layer's options, named for what they do: qk_norm (queries and keys) and value_norm (values),
-and init "identity" or "random" (once called "paper")."""
+init "identity" or "random" (once called "paper"), and the paper's plain layer as a preset (`calm.PAPER_LAYER`,
+`--preset paper`)."""
 
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
-from train_worker import make_assets
+from conftest import tiny
+from torch import nn
+from train_worker import char_tokenizer, make_assets, sum_examples
 
 import calm
-from calm.cli import main
+from calm.cli import apply_config_file, build_parser, main
 from calm.layers import CrossAttention
+from calm.train import TrainConfig, train
 
 
 def randomized(layer: CrossAttention) -> CrossAttention:
@@ -81,11 +86,57 @@ def test_init_paper_is_a_deprecated_name_of_random(pair):
         assert calm.CALMConfig(init="paper").init == "random"
 
 
-# ------------------------------------------------------------------------------------------------- the CLI
+# ---------------------------------------------------------------------------------------------- the preset
 
 
-def test_the_deprecated_init_flag(tmp_path, capsys):
+def test_the_paper_preset_builds_the_plain_layer_and_trains(tmp_path):
+    assert calm.PRESETS["paper"] is calm.PAPER_LAYER
+    assert calm.PAPER_LAYER == {"rope_theta": None, "qk_norm": False, "value_norm": False, "augment_norm": False,
+                                "init": "random", "augment_dropout": 0.0}
+    anchor, augment = tiny("llama", 32, 2, 4, seed=0), tiny("qwen2", 16, 2, 2, seed=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)
+        model = calm.compose(anchor, augment, **calm.PAPER_LAYER)
+    assert {k: getattr(model.config, k) for k in calm.PAPER_LAYER} == calm.PAPER_LAYER
+    for layer in (layer for layers in model.composition for layer in layers):
+        assert layer.rope_theta is None
+        assert all(isinstance(m, nn.Identity) for m in (layer.query_norm, layer.proj_norm, layer.augment_norm))
+        assert layer.augment_dropout.p == 0.0 and layer.o.weight.abs().sum() > 0  # random init: not the anchor
+        # f_proj (a linear map with bias), then q, k, v, o: nothing else carries weights.
+        assert set(layer.state_dict()) == {"proj.weight", "proj.bias", "q.weight", "k.weight", "v.weight", "o.weight"}
+    before = {k: v.clone() for k, v in model.composition.state_dict().items()}
+    config = TrainConfig(output_dir=str(tmp_path / "run"), max_steps=1, batch_size=4, save_steps=0, plot=False,
+                         progress_bar=False, tensorboard=False, learning_rate=1e-3, warmup_steps=0)
+    result = train(model, char_tokenizer(), sum_examples(4), config=config)
+    assert result.global_step == 1 and result.train_loss == result.train_loss  # not NaN
+    assert all(not torch.equal(before[k], v) for k, v in model.composition.state_dict().items())
+
+
+def test_preset_flag_sets_the_layer_options_and_given_flags_win(tmp_path):
+    base = ["compose", "--anchor", "a", "--augment", "b"]
+    args = apply_config_file(build_parser(), [*base, "--preset", "paper"])
+    assert {k: getattr(args, k) for k in calm.PAPER_LAYER} == calm.PAPER_LAYER
+    args = apply_config_file(build_parser(), [*base, "--preset", "paper", "--qk-norm", "--init", "identity"])
+    assert (args.qk_norm, args.init, args.value_norm, args.rope_theta) == (True, "identity", False, None)
+    config = tmp_path / "c.yaml"
+    config.write_text("preset: paper\naugment_dropout: 0.1\n")
+    args = apply_config_file(build_parser(), [*base, "--config", str(config)])
+    assert (args.augment_dropout, args.augment_norm, args.qk_norm) == (0.1, False, False)
+    args = apply_config_file(build_parser(), [*base])  # no preset: the library's defaults
+    assert (args.qk_norm, args.value_norm, args.init, args.rope_theta) == (True, True, "identity", 10000.0)
+
+
+def test_train_preset_paper_and_the_deprecated_init_flag(tmp_path, capsys):
     assets = make_assets(tmp_path / "assets", num_examples=4)
+    out = tmp_path / "run"
+    assert main(["train", "--anchor", str(assets["anchor"]), "--augment", str(assets["augment"]),
+                 "--tokenizer", str(assets["tokenizer"]), "--train-data", str(assets["train"]),
+                 "--output-dir", str(out), "--max-steps", "1", "--batch-size", "2", "--save-steps", "0",
+                 "--no-plot", "--no-progress-bar", "--no-tensorboard", "--num-connections", "1",
+                 "--preset", "paper"]) == 0
+    saved = json.loads((out / "calm_config.json").read_text())
+    assert {k: saved[k] for k in calm.PAPER_LAYER} == calm.PAPER_LAYER
+
     assert main(["compose", "--anchor", str(assets["anchor"]), "--augment", str(assets["augment"]),
                  "--num-connections", "1", "--init", "paper", "--save", str(tmp_path / "old")]) == 0
     assert "--init paper is deprecated: it is now called --init random" in capsys.readouterr().err

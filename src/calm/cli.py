@@ -18,7 +18,7 @@ from typing import Any
 
 from transformers import set_seed
 
-from .config import DEPRECATED_INITS, INITS, OPTIONS
+from .config import DEPRECATED_INITS, INITS, OPTIONS, PRESETS
 from .data import ExampleSet, load_examples
 from .eval import MATCH_MODES
 from .formats import RUN_RECORD, read_version, upgrade_options
@@ -68,6 +68,10 @@ def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
     which.add_argument("--num-connections", type=int, default=None, help="n connections spaced evenly")
     which.add_argument("--every", type=int, default=None, help="tap every k-th augment block (paper: 4)")
     group.add_argument("--num-heads", type=int, default=None, help="cross-attention heads (default: the anchor's)")
+    group.add_argument("--preset", default=None, choices=sorted(PRESETS),
+                       help="start the layer options below from a preset (flags given with it still win): paper, "
+                            "the paper's plain layer: --rope-theta none --no-qk-norm --no-value-norm "
+                            "--augment-norm none --init random --augment-dropout 0")
     group.add_argument("--qk-norm", action=argparse.BooleanOptionalAction, default=True,
                        help="RMS-normalise what the cross-attention queries and keys read (the anchor's states, "
                             "f_proj's output)")
@@ -566,9 +570,11 @@ def _positive_int(text: str) -> int:
 
 
 def apply_config_file(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Namespace:
-    """Parse argv; a subcommand's `--config FILE` supplies defaults (even for required flags) that flags override."""
+    """Parse argv; a subcommand's `--config FILE` supplies defaults (even for required flags) that flags override,
+    and a `--preset` (a flag or a config-file key) defaults under those (`calm.config.PRESETS`)."""
     path = _config_path(argv)
     command = next((a for a in argv if a in _subparsers(parser).choices), None)
+    values: dict[str, Any] = {}
     if path is not None and command is not None:
         import yaml
 
@@ -590,7 +596,13 @@ def apply_config_file(parser: argparse.ArgumentParser, argv: Sequence[str]) -> a
             values[name] = _config_value(path, actions[name], value)
             actions[name].required = False
         subparser.set_defaults(**values)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if getattr(args, "preset", None) is not None:  # parse again with the preset's values as defaults
+        subparser = _subparsers(parser).choices[args.command]
+        subparser.set_defaults(**PRESETS[args.preset])
+        subparser.set_defaults(**values)  # the config file's values win over the preset
+        args = parser.parse_args(argv)
+    return args
 
 
 def _from_run_record(record: dict, path: str) -> dict:

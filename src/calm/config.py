@@ -21,6 +21,15 @@ AUGMENT_MODES = ("iterative", "prompt")
 OPTIONS = ("num_heads", "qk_norm", "value_norm", "init", "augment_mode", "rope_theta", "augment_dropout",
            "augment_norm")
 
+# The paper's plain cross-attention layer (arXiv 2401.02412, §3): f_proj a plain linear map of the augment's
+# states, then multi-head attention with no position encoding and no normalisation. The paper does not say how
+# the layers are initialised; "random" (PyTorch's default init of every projection) adds nothing it does not
+# describe. Use it as `calm.compose(anchor, augment, **calm.PAPER_LAYER)` or `calm train --preset paper`.
+PAPER_LAYER = {"rope_theta": None, "qk_norm": False, "value_norm": False, "augment_norm": False, "init": "random",
+               "augment_dropout": 0.0}
+PRESETS = {"paper": PAPER_LAYER}
+
+
 def resolve_init(init: Any, stacklevel: int = 2) -> Any:
     """`init` under its current name: a deprecated one (`DEPRECATED_INITS`) warns and is mapped."""
     if isinstance(init, str) and init in DEPRECATED_INITS:

@@ -508,7 +508,7 @@ def compose(
     massive activations), False leaves them as they are. `qk_norm` RMS-normalises what the queries and keys
     read, `value_norm` what the values read (f_proj's output, through the keys' norm). `init="identity"` zeroes
     each output projection, so the composition starts as exactly the anchor; "random" keeps PyTorch's default
-    init.
+    init. `**calm.PAPER_LAYER` gives the paper's plain layer (no rotary positions, no norms, random init).
 
     Models need not share a tokenizer: pass the anchor's `tokenizer` and the augment's `augment_tokenizer`
     (`augment_tokenizers=[...]` with several augments). An augment whose tokenizer is the anchor's (compared by
