@@ -39,8 +39,8 @@ def is_exact_match(generated: str, completion: str, match: str = "stripped", end
 
     - "stripped" (the default; `calm eval`, the trainer's `eval_exact_match`): equal once whitespace at either
       end is stripped; the model need not emit EOS (a completion cut by `max_new_tokens` can still match).
-    - "exact" (the key-value reproduction): the model ended with EOS, and the text before it is the completion
-      character for character, whitespace included. Nothing extra may follow the answer, and nothing is forgiven.
+    - "exact" (the key-value reproduction): the text before EOS is the completion character for character,
+      whitespace included, and the model did emit that EOS (`ended`) within `max_new_tokens`.
     """
     _check_match(match)
     if match == "stripped":
