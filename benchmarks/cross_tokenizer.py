@@ -93,7 +93,7 @@ def compositions(pair: str, anchor_tok, augment_tok, connections: int
                                 ("cross", vg, {"tokenizer": anchor_tok, "augment_tokenizer": augment_tok})):
         anchor, augment = llama(anchor_layers, anchor_width, va, 0), llama(augment_layers, augment_width, vocab, 1)
         start = now()
-        models[name] = calm.compose(anchor, augment, num_connections=connections, init="paper", **kwargs).train()
+        models[name] = calm.compose(anchor, augment, num_connections=connections, init="random", **kwargs).train()
         seconds[name] = now() - start
     if models["cross"].aligners[0] is None:
         raise SystemExit("cross_tokenizer.py: the two tokenizers are the same; pick two different ones")

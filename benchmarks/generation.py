@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse(p, argv)
 
     anchor, augment = pair(args.pair)
-    model = calm.compose(anchor, augment, every=2, init="paper")  # the augment is tapped up to its last block
+    model = calm.compose(anchor, augment, every=2, init="random")  # the augment is tapped up to its last block
     prompt = torch.randint(1, anchor.config.vocab_size, (1, args.prompt_tokens))
     n = args.new_tokens
     common = dict(max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)

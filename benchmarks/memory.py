@@ -43,7 +43,7 @@ def run_workload(name: str, pair_name: str) -> None:
     connections = resolve_connections(augment_layers, anchor_layers)  # the library default, as compose() uses
     batch = make_batch(vocab, *SHAPES[pair_name])
     if name == "composed":
-        model = calm.compose(*pair(pair_name), init="paper").train()
+        model = calm.compose(*pair(pair_name), init="random").train()
         composed_step(model, optimizer(model), batch)
     elif name == "anchor_activations":  # frozen anchor: activations get gradients from the first connected block
         anchor_backward_from(anchor_of(pair_name).requires_grad_(False), min(b for _, b in connections), batch)

@@ -57,9 +57,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     anchor, augment = pair(args.pair, augment_layers=AUGMENT_LAYERS)
     vocab = PAIRS[args.pair][4]
-    default = calm.compose(anchor, augment, init="paper").train()
+    default = calm.compose(anchor, augment, init="random").train()
     points = [("seq", length, default, length) for length in SEQ_LENGTHS]
-    points += [("connections", n, calm.compose(anchor, augment, num_connections=n, init="paper").train(), 256)
+    points += [("connections", n, calm.compose(anchor, augment, num_connections=n, init="random").train(), 256)
                for n in CONNECTIONS]
     fns: dict[str, Callable] = {}
     for sweep, x, model, length in points:

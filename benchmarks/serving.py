@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> dict:
     common.clock = "wall"  # a server is judged by wall time (noted in `machine()`)
 
     anchor, augment = pair(args.pair)
-    model = calm.compose(anchor, augment, every=2, init="paper")  # as §4: the augment is tapped to its last block
+    model = calm.compose(anchor, augment, every=2, init="random")  # as §4: the augment is tapped to its last block
     vocab = anchor.config.vocab_size
     engine = Engine(model, word_tokenizer(vocab), max_batch_size=args.max_batch_size,
                     batch_window=args.batch_window_ms / 1000)

@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse(p, argv)
 
     anchor, augment = pair(args.pair)
-    model = calm.compose(anchor, augment, every=args.every, init="paper").train()
+    model = calm.compose(anchor, augment, every=args.every, init="random").train()
     opt = optimizer(model)
     vocab = anchor.config.vocab_size
     for fn in workloads(model, opt, make_batch(vocab, 1, 16)).values():  # warm-up: every code path once

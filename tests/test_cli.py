@@ -27,7 +27,7 @@ def assets(tmp_path_factory):
 def composition(assets, tmp_path_factory):
     out = tmp_path_factory.mktemp("composition")
     code = main(["compose", "--anchor", str(assets["anchor"]), "--augment", str(assets["augment"]),
-                 "--num-connections", "2", "--init", "paper", "--save", str(out)])
+                 "--num-connections", "2", "--init", "random", "--save", str(out)])
     assert code == 0
     return out
 

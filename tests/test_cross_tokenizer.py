@@ -182,6 +182,21 @@ def test_prompt_mode_prefix_consistency(anchor_name, augment_name):
     assert (full[:, -1] - model(input_ids=ids, augment_mode="iterative").logits[:, -1]).abs().max() > 1e-3
 
 
+@torch.no_grad()
+def test_prompt_mode_with_precomputed_states_in_the_augments_own_tokens():
+    """Prompt mode, an int prompt length: states of the augment's own tokens of the prompt give the forward
+    without them; states of the whole text (other tokens) are refused by name instead of crashing."""
+    model, tok = composed(CHAR, SMOL, mode="prompt")
+    ids = encode(tok, HARD_TEXT)
+    prompt = ids.shape[1] // 2
+    direct = model(input_ids=ids, augment_length=prompt).logits
+    states = model.compute_augment_states(ids, augment_inputs=model.align(ids, augment_length=prompt))
+    assert torch.allclose(direct, model(input_ids=ids, augment_length=prompt, augment_states=states).logits,
+                          atol=1e-5)
+    with pytest.raises(ValueError, match=r"augment_states\[0\] do not cover the .* tokens augment 0 reads"):
+        model(input_ids=ids, augment_length=prompt, augment_states=model.compute_augment_states(ids))
+
+
 _prefix_model: dict = {}
 
 

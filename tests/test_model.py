@@ -25,7 +25,7 @@ def test_identity_at_init_is_exact(pair):
 
 def test_paper_init_changes_the_output(pair):
     anchor, augment = pair
-    model = calm.compose(anchor, augment, num_connections=2, init="paper")
+    model = calm.compose(anchor, augment, num_connections=2, init="random")
     x = ids()
     with torch.no_grad():
         assert not torch.allclose(model(input_ids=x).logits, anchor(input_ids=x).logits)
@@ -99,7 +99,7 @@ def test_bases_frozen_and_composition_trained(pair):
 
 
 def test_gradients_reach_every_composition_layer(pair):
-    model = calm.compose(*pair, num_connections=3, init="paper")
+    model = calm.compose(*pair, num_connections=3, init="random")
     x = ids()
     model(input_ids=x, labels=x).loss.backward()
     for n, p in model.composition.named_parameters():
@@ -209,6 +209,27 @@ def test_precomputed_augment_states_give_the_same_loss(pair):
         direct = model(input_ids=x, attention_mask=mask, labels=x).loss
         cached = model(input_ids=x, attention_mask=mask, labels=x, augment_states=states).loss
     assert torch.equal(direct, cached)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_precomputed_augment_states_with_an_int_prompt_length(pair, padded):
+    """Prompt mode with an int `augment_length`: states over the whole input (or over the prompt alone) give the
+    forward without them (the states were not cut to the prompt, and the forward crashed)."""
+    model = calm.compose(*pair, num_connections=2, augment_mode="prompt")
+    randomize(model)
+    x = ids()
+    mask = torch.ones_like(x)
+    if padded:
+        mask[0, :2] = 0
+    with torch.no_grad():
+        direct = model(input_ids=x, attention_mask=mask, augment_length=5).logits
+        whole = model(input_ids=x, attention_mask=mask, augment_length=5,
+                      augment_states=model.compute_augment_states(x, mask)).logits
+        prompt = model(input_ids=x, attention_mask=mask, augment_length=5,
+                       augment_states=model.compute_augment_states(x[:, :5], mask[:, :5])).logits
+    assert torch.allclose(direct, whole, atol=1e-6) and torch.allclose(direct, prompt, atol=1e-6)
+    with pytest.raises(ValueError, match=r"augment_states\[0\] covers \[4\] positions"):
+        model(input_ids=x, augment_length=5, augment_states=model.compute_augment_states(x[:, :4]))
 
 
 def test_attention_probs_match_the_layer_output(pair):

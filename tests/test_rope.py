@@ -47,7 +47,7 @@ def test_rope_lets_a_query_pick_out_its_own_position_where_content_cannot():
         attention.q.weight.copy_(torch.eye(32) * 8)
         attention.k.weight.copy_(torch.eye(32) * 8)
     augment = torch.ones(1, 6, 16)
-    anchor = attention.key_norm(attention.proj(augment))  # queries aligned with the keys
+    anchor = attention.proj_norm(attention.proj(augment))  # queries aligned with the keys
     keys, _ = attention.keys_values(augment, torch.arange(6)[None])
     probs = attention.attention_probs(anchor, keys, positions=torch.arange(6)[None])
     assert torch.equal(probs[0].mean(0).argmax(-1), torch.arange(6))  # each query peaks on its own position

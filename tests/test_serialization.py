@@ -45,8 +45,8 @@ def test_round_trip_gives_bit_identical_logits(saved):
 
 
 def test_every_option_survives_the_round_trip(tmp_path, pair):
-    chosen = {"num_heads": 2, "qk_norm": False, "init": "paper", "augment_mode": "prompt", "rope_theta": None,
-              "augment_dropout": 0.25, "augment_norm": False}
+    chosen = {"num_heads": 2, "qk_norm": False, "value_norm": True, "init": "random", "augment_mode": "prompt",
+              "rope_theta": None, "augment_dropout": 0.25, "augment_norm": False}
     # Every CALMConfig option is in OPTIONS (what saved files, the run record and the CLI carry over), none left out.
     given = set(inspect.signature(calm.CALMConfig).parameters) - {"connections", "anchor", "augments", "kwargs"}
     assert set(OPTIONS) == given == set(chosen)
@@ -57,15 +57,15 @@ def test_every_option_survives_the_round_trip(tmp_path, pair):
 
 def test_a_new_file_records_the_current_format_version(saved):
     _, path = saved
-    assert json.loads((path / CONFIG_NAME).read_text())["format"] == f"calm/{formats.VERSION}" == "calm/2"
+    assert json.loads((path / CONFIG_NAME).read_text())["format"] == f"calm/{formats.VERSION}" == "calm/3"
 
 
 def test_a_file_from_a_newer_calm_is_refused(saved):
     model, path = saved
     config = json.loads((path / CONFIG_NAME).read_text())
-    (path / CONFIG_NAME).write_text(json.dumps(config | {"format": "calm/3"}))
-    with pytest.raises(ValueError, match=r"format 'calm/3' was written by a newer version of calm, which this one "
-                                         r"cannot read \(it reads up to 'calm/2'\): upgrade calm-compose"):
+    (path / CONFIG_NAME).write_text(json.dumps(config | {"format": "calm/4"}))
+    with pytest.raises(ValueError, match=r"format 'calm/4' was written by a newer version of calm, which this one "
+                                         r"cannot read \(it reads up to 'calm/3'\): upgrade calm-compose"):
         calm.CALMForCausalLM.from_pretrained(path, anchor=model.anchor, augments=[model.augments[0]])
 
 
@@ -86,6 +86,58 @@ def test_a_version_1_file_rebuilds_with_the_options_it_was_made_with(saved, old_
     (path / CONFIG_NAME).write_text(json.dumps(config | {"format": "calm/1", "augment_norm": "block"}))
     loaded = calm.CALMForCausalLM.from_pretrained(path, anchor=model.anchor, augments=[model.augments[0]])
     assert (loaded.config.rope_theta, loaded.config.augment_norm) == (None, "block")
+
+
+@pytest.mark.parametrize("qk_norm", [True, False])
+def test_a_version_2_file_keeps_what_its_qk_norm_and_init_meant(tmp_path, pair, qk_norm):
+    """Up to version 2, qk_norm=True also normalised what the values read (through one norm, saved as
+    `key_norm`), and init "random" was called "paper". Such a file loads as qk_norm=value_norm=qk_norm,
+    init="random", and gives the logits it gave."""
+    from safetensors.torch import load_file, save_file
+
+    from calm.serialization import _sha256
+
+    anchor, augment = pair
+    model = calm.compose(anchor, augment, num_connections=2, num_heads=2, qk_norm=qk_norm, value_norm=qk_norm,
+                         init="random")
+    randomize(model)
+    model.save_pretrained(tmp_path)
+    weights = {k.replace(".proj_norm.", ".key_norm."): v for k, v in load_file(tmp_path / WEIGHTS_NAME).items()}
+    assert any("key_norm" in k for k in weights) is qk_norm
+    save_file(weights, tmp_path / WEIGHTS_NAME, metadata={"format": "pt"})
+    config = json.loads((tmp_path / CONFIG_NAME).read_text())
+    del config["value_norm"]
+    config |= {"format": "calm/2", "init": "paper", "weights_sha256": _sha256(tmp_path / WEIGHTS_NAME)}
+    (tmp_path / CONFIG_NAME).write_text(json.dumps(config))
+
+    loaded = calm.CALMForCausalLM.from_pretrained(tmp_path, anchor=anchor, augments=[augment])
+    assert (loaded.config.qk_norm, loaded.config.value_norm, loaded.config.init) == (qk_norm, qk_norm, "random")
+    x = torch.randint(3, 90, (2, 8))
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=x).logits, loaded(input_ids=x).logits)
+    if qk_norm:  # what version 2 computed, written out: keys and values both read the key_norm'd projection
+        layer, states = loaded.composition[0][0], torch.randn(1, 5, 16)
+        projected = layer.proj(torch.nn.functional.rms_norm(states, (16,)))
+        normed = torch.nn.functional.rms_norm(projected, (32,), weights["0.0.key_norm.weight"])
+        keys, values = layer.keys_values(states)
+        assert torch.allclose(values, layer.v(normed).view(1, 5, 2, 16).transpose(1, 2), atol=1e-6)
+        assert torch.allclose(keys, layer._rotate(layer.k(normed).view(1, 5, 2, 16).transpose(1, 2), None),
+                              atol=1e-6)
+
+
+def test_a_version_2_run_record_and_checkpoint_weights_are_upgraded_too():
+    from calm.cli import _from_run_record
+
+    record = {"format": "calm-run/2", "train": {}, "model": {"connections": [[[1, 1]]], "qk_norm": True,
+                                                             "init": "paper"}}
+    values = _from_run_record(record, "train_config.json")
+    assert (values["qk_norm"], values["value_norm"], values["init"]) == (True, True, "random")
+    record["format"] = "calm-run/3"  # today's records mean what they say
+    record["model"] |= {"qk_norm": True, "value_norm": False, "init": "identity"}
+    assert _from_run_record(record, "train_config.json")["value_norm"] is False
+    weights = {"0.1.key_norm.weight": 1, "0.1.query_norm.weight": 2, "0.1.proj.weight": 3}
+    assert formats.upgrade_weights(weights) == {"0.1.proj_norm.weight": 1, "0.1.query_norm.weight": 2,
+                                                "0.1.proj.weight": 3}
 
 
 def test_loads_bases_from_recorded_paths(tmp_path, pair):

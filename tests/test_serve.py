@@ -55,7 +55,7 @@ def composition(tmp_path_factory) -> Path:
     tiny("llama", 32, 2, 4, seed=0).save_pretrained(root / "anchor")
     tiny("qwen2", 16, 2, 2, seed=1).save_pretrained(root / "augment")
     model = calm.compose(AutoModelForCausalLM.from_pretrained(root / "anchor"),
-                         AutoModelForCausalLM.from_pretrained(root / "augment"), num_connections=2, init="paper",
+                         AutoModelForCausalLM.from_pretrained(root / "augment"), num_connections=2, init="random",
                          tokenizer=visible_tokenizer())
     model.save_pretrained(root / "composition")
     return root / "composition"

@@ -18,8 +18,9 @@ from typing import Any
 
 from transformers import set_seed
 
-from .config import OPTIONS
+from .config import DEPRECATED_INITS, INITS, OPTIONS, PRESETS
 from .data import ExampleSet, load_examples
+from .eval import MATCH_MODES
 from .formats import RUN_RECORD, read_version, upgrade_options
 from .train import TrainConfig, TrainResult, data_limits, prepare_dataset, train
 
@@ -67,8 +68,16 @@ def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
     which.add_argument("--num-connections", type=int, default=None, help="n connections spaced evenly")
     which.add_argument("--every", type=int, default=None, help="tap every k-th augment block (paper: 4)")
     group.add_argument("--num-heads", type=int, default=None, help="cross-attention heads (default: the anchor's)")
+    group.add_argument("--preset", default=None, choices=sorted(PRESETS),
+                       help="start the layer options below from a preset (flags given with it still win): paper, "
+                            "the paper's plain layer: --rope-theta none --no-qk-norm --no-value-norm "
+                            "--augment-norm none --init random --augment-dropout 0")
     group.add_argument("--qk-norm", action=argparse.BooleanOptionalAction, default=True,
-                       help="RMS-normalise cross-attention queries and keys")
+                       help="RMS-normalise what the cross-attention queries and keys read (the anchor's states, "
+                            "f_proj's output)")
+    group.add_argument("--value-norm", action=argparse.BooleanOptionalAction, default=True,
+                       help="RMS-normalise what the cross-attention values read (f_proj's output, through the keys' "
+                            "norm)")
     group.add_argument("--rope-theta", type=parse_rope_theta, default=10000.0,
                        help="rotary position base of the cross-attention ('none': no position encoding, as the "
                             "paper's code)")
@@ -81,7 +90,10 @@ def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
                             "with massive activations, e.g. Gemma); none leaves it as it is")
     group.add_argument("--no-augment-norm", dest="augment_norm", action="store_false",
                        help="the same as --augment-norm none")
-    group.add_argument("--init", default="identity", choices=["identity", "paper"], help="composition init")
+    group.add_argument("--init", default="identity", choices=[*INITS, *DEPRECATED_INITS],
+                       help="identity (the default): zero output projections, so the composition starts as exactly "
+                            "the anchor; random: PyTorch's default init of every projection (paper: a deprecated "
+                            "name of random)")
     group.add_argument("--augment-mode", default="iterative", choices=["iterative", "prompt"],
                        help="augments read every token (iterative, the paper's default) or only the prompt")
 
@@ -197,11 +209,17 @@ def compose_from_args(args: argparse.Namespace, tokenizer: Any = None):
     augment_tokenizers = augment_tokenizers_from_args(args)
     if augment_tokenizers is not None and tokenizer is None:
         tokenizer = load_tokenizer(args.tokenizer or args.anchor)
+    init = args.init
+    if init in DEPRECATED_INITS:
+        print(f"calm: warning: --init {init} is deprecated: it is now called --init {DEPRECATED_INITS[init]}",
+              file=sys.stderr)
+        init = DEPRECATED_INITS[init]
     anchor = load_base(args.anchor, args)
     augments = [load_base(name, args) for name in args.augment]
     try:
         return calm.compose(anchor, augments, connections=args.connections, num_connections=args.num_connections,
-                            every=args.every, num_heads=args.num_heads, qk_norm=args.qk_norm, init=args.init,
+                            every=args.every, num_heads=args.num_heads, qk_norm=args.qk_norm,
+                            value_norm=args.value_norm, init=init,
                             augment_mode=args.augment_mode, rope_theta=args.rope_theta,
                             augment_dropout=args.augment_dropout, augment_norm=args.augment_norm,
                             tokenizer=tokenizer if augment_tokenizers is not None else None,
@@ -337,7 +355,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     model = load_composition(args)
     tokenizer = composition_tokenizer(model, args)
     metrics = evaluate_file(model, tokenizer, examples, max_new_tokens=args.max_new_tokens,
-                            batch_size=args.batch_size, augment_mode=args.augment_mode)
+                            batch_size=args.batch_size, augment_mode=args.augment_mode, match=args.exact_match_mode)
     print(json.dumps(metrics, indent=2))
 
 
@@ -463,6 +481,10 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             sub.add_argument("--data", required=True, type=Path, help="JSONL of {prompt, completion}")
             sub.add_argument("--batch-size", type=_positive_int, default=32)
+            sub.add_argument("--exact-match-mode", default="stripped", choices=MATCH_MODES,
+                             help="what counts as exact (calm.eval.is_exact_match): stripped (the default): equal "
+                                  "once whitespace at the ends is stripped; exact: the completion, character for "
+                                  "character, then EOS")
 
     sub = command("serve", cmd_serve, "serve a composition over an OpenAI-compatible HTTP API")
     sub.add_argument("--composition", required=True, help="directory written by save_pretrained / calm train")
@@ -548,9 +570,11 @@ def _positive_int(text: str) -> int:
 
 
 def apply_config_file(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Namespace:
-    """Parse argv; a subcommand's `--config FILE` supplies defaults (even for required flags) that flags override."""
+    """Parse argv; a subcommand's `--config FILE` supplies defaults (even for required flags) that flags override,
+    and a `--preset` (a flag or a config-file key) defaults under those (`calm.config.PRESETS`)."""
     path = _config_path(argv)
     command = next((a for a in argv if a in _subparsers(parser).choices), None)
+    values: dict[str, Any] = {}
     if path is not None and command is not None:
         import yaml
 
@@ -572,7 +596,13 @@ def apply_config_file(parser: argparse.ArgumentParser, argv: Sequence[str]) -> a
             values[name] = _config_value(path, actions[name], value)
             actions[name].required = False
         subparser.set_defaults(**values)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if getattr(args, "preset", None) is not None:  # parse again with the preset's values as defaults
+        subparser = _subparsers(parser).choices[args.command]
+        subparser.set_defaults(**PRESETS[args.preset])
+        subparser.set_defaults(**values)  # the config file's values win over the preset
+        args = parser.parse_args(argv)
+    return args
 
 
 def _from_run_record(record: dict, path: str) -> dict:

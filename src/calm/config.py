@@ -2,17 +2,43 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
 from transformers import PretrainedConfig
 
-INITS = ("identity", "paper")
+# "identity": a zero output projection, so the composition starts as exactly the anchor. "random": every projection
+# keeps PyTorch's default nn.Linear init.
+INITS = ("identity", "random")
+# Old names of an init, still accepted with a DeprecationWarning. "paper" was renamed "random": the paper does not
+# say how its layers are initialised.
+DEPRECATED_INITS = {"paper": "random"}
 AUGMENT_MODES = ("iterative", "prompt")
 # The options of a composition besides its connections and base models: what a saved composition, a training
 # run's record and `calm train --resume` each carry over. A new `CALMConfig` option goes here, or is lost, and
 # makes a new file format version (`calm.formats`).
-OPTIONS = ("num_heads", "qk_norm", "init", "augment_mode", "rope_theta", "augment_dropout", "augment_norm")
+OPTIONS = ("num_heads", "qk_norm", "value_norm", "init", "augment_mode", "rope_theta", "augment_dropout",
+           "augment_norm")
+
+# The paper's plain cross-attention layer (arXiv 2401.02412, §3): f_proj a plain linear map of the augment's
+# states, then multi-head attention with no position encoding and no normalisation. The paper does not say how
+# the layers are initialised; "random" (PyTorch's default init of every projection) adds nothing it does not
+# describe. Use it as `calm.compose(anchor, augment, **calm.PAPER_LAYER)` or `calm train --preset paper`.
+PAPER_LAYER = {"rope_theta": None, "qk_norm": False, "value_norm": False, "augment_norm": False, "init": "random",
+               "augment_dropout": 0.0}
+PRESETS = {"paper": PAPER_LAYER}
+
+
+def resolve_init(init: Any, stacklevel: int = 2) -> Any:
+    """`init` under its current name: a deprecated one (`DEPRECATED_INITS`) warns and is mapped."""
+    if isinstance(init, str) and init in DEPRECATED_INITS:
+        new = DEPRECATED_INITS[init]
+        warnings.warn(f"init={init!r} is deprecated: it is now called init={new!r} (PyTorch's default init of "
+                      "every projection; the paper does not specify one)", DeprecationWarning,
+                      stacklevel=stacklevel + 1)
+        return new
+    return init
 
 
 def evenly_spaced(num_layers: int, count: int) -> list[int]:
@@ -104,9 +130,11 @@ def validate_connections(
 class CALMConfig(PretrainedConfig):
     """Everything needed to rebuild a composition on top of its base models.
 
-    `connections[k]` lists the `(augment_block, anchor_block)` pairs of augmenting model k. `anchor` and
-    `augments` record each base model's name or path, layer count, width and vocabulary size so a saved
-    composition can find its bases again and refuse the wrong ones.
+    `connections[k]` lists the `(augment_block, anchor_block)` pairs of augmenting model k. `qk_norm`
+    RMS-normalises what the queries and keys read (the anchor's states; f_proj's output), `value_norm` what the
+    values read (f_proj's output, through the keys' norm). `anchor` and `augments` record each base model's name
+    or path, layer count, width and vocabulary size so a saved composition can find its bases again and refuse
+    the wrong ones.
     """
 
     model_type = "calm"
@@ -116,6 +144,7 @@ class CALMConfig(PretrainedConfig):
         connections: list[list[list[int]]] | None = None,
         num_heads: int = 4,
         qk_norm: bool = True,
+        value_norm: bool = True,
         init: str = "identity",
         augment_mode: str = "iterative",
         rope_theta: float | None = 10000.0,
@@ -130,7 +159,8 @@ class CALMConfig(PretrainedConfig):
                             if isinstance(conns, (list, tuple)) else conns for conns in (connections or [])]
         self.num_heads = num_heads
         self.qk_norm = qk_norm
-        self.init = init
+        self.value_norm = value_norm
+        self.init = resolve_init(init, stacklevel=2)
         self.augment_mode = augment_mode
         self.rope_theta = rope_theta
         self.augment_dropout = augment_dropout
@@ -148,8 +178,9 @@ class CALMConfig(PretrainedConfig):
             raise ValueError(f"init={self.init!r} is invalid: expected one of {INITS}")
         if self.augment_mode not in AUGMENT_MODES:
             raise ValueError(f"augment_mode={self.augment_mode!r} is invalid: expected one of {AUGMENT_MODES}")
-        if not isinstance(self.qk_norm, bool):
-            raise ValueError(f"qk_norm={self.qk_norm!r} is invalid: expected True or False")
+        for name in ("qk_norm", "value_norm"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}={getattr(self, name)!r} is invalid: expected True or False")
         if not (isinstance(self.augment_norm, bool) or self.augment_norm == "block"):
             raise ValueError(f"augment_norm={self.augment_norm!r} is invalid: expected True (unit RMS), False (none) "
                              "or 'block' (the augment's own next-block input norm)")

@@ -5,15 +5,21 @@ A file written without a version is version 1. A reader first upgrades what a fi
 version, then checks it as if it had been written today. A newer version than this calm knows is refused,
 because its fields may mean something that this calm would get wrong.
 
-A new composition option (`calm.config.OPTIONS`) needs a new version. Files of the version before it lack the
-option, so the upgrade step to the new version fills in the value that those files were made with.
+A new composition option (`calm.config.OPTIONS`), or a new meaning of one, needs a new version. Files of the
+version before it lack the option, so the upgrade step to the new version fills in the value that those files
+were made with.
+
+The versions: 1 had no format field. 2 added rope_theta, augment_dropout and augment_norm. 3 split qk_norm, which
+in versions 1-2 also normalised what the values read, into qk_norm (queries and keys) and value_norm (values), and
+renamed init "paper" to "random"; the norm that keys and values read is `proj_norm` in the weights (`key_norm`
+before).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-VERSION = 2
+VERSION = 3
 COMPOSITION = "calm"  # calm_config.json
 RUN_RECORD = "calm-run"  # train_config.json
 
@@ -22,8 +28,14 @@ RUN_RECORD = "calm-run"  # train_config.json
 VERSION_1_OPTIONS = {"rope_theta": None, "augment_dropout": 0.0, "augment_norm": False}
 
 
+# Version 2 -> 3: what version 1-2 files call an init, by its current name.
+VERSION_2_INITS = {"paper": "random"}
+# Version 2 -> 3: weight names (as suffixes of a composition's state-dict keys) renamed in version 3.
+VERSION_2_WEIGHTS = {".key_norm.weight": ".proj_norm.weight"}
+
+
 def format_tag(kind: str) -> str:
-    """The format a new file of `kind` records, e.g. "calm/2"."""
+    """The format a new file of `kind` records, e.g. "calm/3"."""
     return f"{kind}/{VERSION}"
 
 
@@ -44,6 +56,24 @@ def read_version(tag: Any, kind: str, source: str) -> int:
 
 def upgrade_options(options: dict[str, Any], version: int) -> dict[str, Any]:
     """A composition's options as a file of format `version` records them, upgraded to the current version."""
-    if version < 2:  # the one step, 1 -> 2: fill in what version 1 files predate
+    if version < 2:  # 1 -> 2: fill in what version 1 files predate
         options = VERSION_1_OPTIONS | options
+    if version < 3:  # 2 -> 3: qk_norm=True also normalised what the values read; "paper" is now "random"
+        options = dict(options)
+        if "qk_norm" in options:
+            options["value_norm"] = options["qk_norm"]
+        if isinstance(options.get("init"), str):
+            options["init"] = VERSION_2_INITS.get(options["init"], options["init"])
     return options
+
+
+def upgrade_weights(weights: dict[str, Any]) -> dict[str, Any]:
+    """A composition's weights under their current names. A file of version 1-2 names the norm that keys and
+    values read `key_norm`; no file of version 3 has a name that this renames."""
+    renamed = {}
+    for name, tensor in weights.items():
+        for old, new in VERSION_2_WEIGHTS.items():
+            if name.endswith(old):
+                name = name[: -len(old)] + new
+        renamed[name] = tensor
+    return renamed

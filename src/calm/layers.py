@@ -16,7 +16,7 @@ class CrossAttention(nn.Module):
 
     def __init__(self, augment_width: int, anchor_width: int, num_heads: int, qk_norm: bool = True,
                  init: str = "identity", rope_theta: float | None = None, augment_dropout: float = 0.0,
-                 augment_norm: bool = True) -> None:
+                 augment_norm: bool = True, value_norm: bool = True) -> None:
         super().__init__()
         if anchor_width % num_heads:
             raise ValueError(
@@ -42,12 +42,16 @@ class CrossAttention(nn.Module):
         self.v = nn.Linear(anchor_width, anchor_width, bias=False)
         self.o = nn.Linear(anchor_width, anchor_width, bias=False)
         # The residual streams of pretrained models have very different scales; normalising both sides keeps
-        # the attention logits sane from the first step (the paper leaves normalisation unspecified).
+        # the attention logits sane from the first step (the paper leaves normalisation unspecified). qk_norm:
+        # the queries read the anchor's states through `query_norm`, the keys read f_proj's output through
+        # `proj_norm`. value_norm: the values read f_proj's output through that same `proj_norm`.
+        self.qk_norm, self.value_norm = qk_norm, value_norm
         self.query_norm = nn.RMSNorm(anchor_width) if qk_norm else nn.Identity()
-        self.key_norm = nn.RMSNorm(anchor_width) if qk_norm else nn.Identity()
+        self.proj_norm = nn.RMSNorm(anchor_width) if qk_norm or value_norm else nn.Identity()
         if init == "identity":
             # Zero output projection: the composed model starts as exactly the anchor.
             nn.init.zeros_(self.o.weight)
+        # "random": every projection keeps nn.Linear's default init.
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         batch, length, _ = x.shape
@@ -73,8 +77,11 @@ class CrossAttention(nn.Module):
         """Project augment hidden states (B, S, D_A) at `positions` (B or 1, S) to per-head keys and values
         (B, H, S, head_dim). Keys are stored already rotated, so a cache never needs their positions."""
         x = self.augment_norm(augment_states.to(self.proj.weight.dtype))
-        x = self.key_norm(self.proj(self.augment_dropout(x)))
-        return self._rotate(self._heads(self.k(x)), positions), self._heads(self.v(x))
+        x = self.proj(self.augment_dropout(x))
+        normed = self.proj_norm(x) if self.qk_norm or self.value_norm else x
+        keys = self.k(normed if self.qk_norm else x)
+        values = self.v(normed if self.value_norm else x)
+        return self._rotate(self._heads(keys), positions), self._heads(values)
 
     def _query(self, anchor_states: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
         return self._rotate(self._heads(self.q(self.query_norm(anchor_states.to(self.q.weight.dtype)))), positions)

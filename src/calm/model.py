@@ -23,7 +23,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from .alignment import TokenizerAligner, same_tokenizer, tokenizer_fingerprint
 from .blocks import BaseInfo, base_info, decoder_blocks, next_input_norm
 from .cache import CALMCache
-from .config import AUGMENT_MODES, CALMConfig, resolve_connections
+from .config import AUGMENT_MODES, CALMConfig, resolve_connections, resolve_init
 from .layers import CrossAttention
 from .serialization import load_composition, save_composition
 
@@ -90,7 +90,8 @@ class CALMForCausalLM(PreTrainedModel, GenerationMixin):
         self.composition = nn.ModuleList(
             nn.ModuleList(
                 CrossAttention(base_info(augment).width, anchor_info.width, config.num_heads, config.qk_norm,
-                               config.init, config.rope_theta, config.augment_dropout, config.augment_norm is True)
+                               config.init, config.rope_theta, config.augment_dropout, config.augment_norm is True,
+                               value_norm=config.value_norm)
                 for _ in conns
             )
             for augment, conns in zip(augments, config.connections)
@@ -249,8 +250,9 @@ class CALMForCausalLM(PreTrainedModel, GenerationMixin):
                     pairs = [(layer.keys, layer.values) for layer in cache.projected[k]]
                 else:
                     augment_cache = cache.augments[k] if cache is not None and mode == "iterative" else None
-                    states = augment_states[k] if augment_states is not None else self._run_augment(
-                        k, shared_ids, shared_mask, shared_positions, augment_cache)
+                    states = self._given_states(k, augment_states[k], shared_ids.shape[1], length) \
+                        if augment_states is not None else self._run_augment(
+                            k, shared_ids, shared_mask, shared_positions, augment_cache)
                     pairs = self._project(k, states, shared_positions, cache)
                 if shared_cross_mask is None:
                     prompt_length = augment_length if mode == "prompt" else None
@@ -260,6 +262,17 @@ class CALMForCausalLM(PreTrainedModel, GenerationMixin):
             keys_values.append(pairs)
             masks.append(mask)
         return keys_values, masks
+
+    @staticmethod
+    def _given_states(k: int, states: dict[int, torch.Tensor], length: int, whole: int) -> dict[int, torch.Tensor]:
+        """Precomputed states of augment k, over the `whole` input (as `compute_augment_states` gives them) or
+        over just the `length` positions the augment reads, cut to those: the prompt, for an int `augment_length`
+        in "prompt" mode. The augment is causal: its states over the prompt do not depend on what follows."""
+        have = {h.shape[1] for h in states.values()}
+        if len(have) != 1 or not have <= {length, whole}:
+            raise ValueError(f"augment_states[{k}] covers {sorted(have)} positions, but the input has {whole} and the "
+                             f"augment reads {length}: compute them with compute_augment_states on the same input")
+        return {a: h[:, :length] for a, h in states.items()}
 
     def _project(self, k: int, states: dict[int, torch.Tensor], positions: torch.Tensor,
                  cache: CALMCache | None) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -292,6 +305,11 @@ class CALMForCausalLM(PreTrainedModel, GenerationMixin):
                 else torch.tensor(prompt_lengths))
             real, visible_from = new["attention_mask"], new["visible_from"]
         if new is not None and new["input_ids"].shape[1] > 0:
+            if states is not None and any(h.shape[1] != new["input_ids"].shape[1] for h in states.values()):
+                raise ValueError(f"augment_states[{k}] do not cover the {new['input_ids'].shape[1]} tokens augment {k} "
+                                 "reads in its own tokenizer: compute them with compute_augment_states(input_ids, "
+                                 "attention_mask, augment_inputs=model.align(input_ids, attention_mask, "
+                                 "augment_length))")
             if states is None:
                 states = self._run_augment(k, new["input_ids"], real, new["position_ids"],
                                            None if cache is None else cache.augments[k])
@@ -526,6 +544,7 @@ def compose(
     every: int | None = None,
     num_heads: int | None = None,
     qk_norm: bool = True,
+    value_norm: bool = True,
     init: str = "identity",
     augment_mode: str = "iterative",
     rope_theta: float | None = 10000.0,
@@ -542,7 +561,10 @@ def compose(
     augment block, the paper's choice). With none, every 4th augment block is tapped. `num_heads` defaults to
     the anchor's attention heads. `augment_norm` sets how f_proj reads the augment's states: True scales each to
     unit RMS, "block" reads them through the augment's own next-block input norm (for pretrained augments with
-    massive activations), False leaves them as they are.
+    massive activations), False leaves them as they are. `qk_norm` RMS-normalises what the queries and keys
+    read, `value_norm` what the values read (f_proj's output, through the keys' norm). `init="identity"` zeroes
+    each output projection, so the composition starts as exactly the anchor; "random" keeps PyTorch's default
+    init. `**calm.PAPER_LAYER` gives the paper's plain layer (no rotary positions, no norms, random init).
 
     Models need not share a tokenizer: pass the anchor's `tokenizer` and the augment's `augment_tokenizer`
     (`augment_tokenizers=[...]` with several augments). An augment whose tokenizer is the anchor's (compared by
@@ -573,7 +595,8 @@ def compose(
     if isinstance(heads, int) and not isinstance(heads, bool) and heads > 0 and anchor_info.width % heads:
         raise ValueError(f"num_heads={heads} must divide the anchor's hidden width {anchor_info.width}")
     config = CALMConfig(
-        connections=[[list(p) for p in r] for r in resolved], num_heads=heads, qk_norm=qk_norm, init=init,
+        connections=[[list(p) for p in r] for r in resolved], num_heads=heads, qk_norm=qk_norm,
+        value_norm=value_norm, init=resolve_init(init),
         augment_mode=augment_mode, rope_theta=rope_theta, augment_dropout=augment_dropout,
         augment_norm=augment_norm,
         anchor=_record(anchor_info, anchor, tokenizer),

@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 from .alignment import tokenizer_fingerprint
 from .blocks import base_info
 from .config import OPTIONS, CALMConfig
-from .formats import COMPOSITION, format_tag, read_version, upgrade_options
+from .formats import COMPOSITION, format_tag, read_version, upgrade_options, upgrade_weights
 
 # Saving and loading never import the model class: `CALMForCausalLM` imports this module, and passes itself in.
 Model = TypeVar("Model", bound=PreTrainedModel)
@@ -227,7 +227,8 @@ def load_composition(cls: type[Model], directory: str | os.PathLike, anchor: Pre
 
 
 def load_weights(directory: str | os.PathLike, expected_sha256: str | None = None) -> dict[str, torch.Tensor]:
-    """Composition weights from `calm.safetensors` (never unpickles). With `expected_sha256` (recorded in
+    """Composition weights from `calm.safetensors` (never unpickles), under their current names (a file of an
+    older format version is upgraded, `calm.formats.upgrade_weights`). With `expected_sha256` (recorded in
     calm_config.json), a file that differs from the one saved with the config is refused."""
     path = Path(directory) / WEIGHTS_NAME
     if not path.is_file():
@@ -240,7 +241,7 @@ def load_weights(directory: str | os.PathLike, expected_sha256: str | None = Non
     if expected_sha256 is not None and hashlib.sha256(data).hexdigest() != expected_sha256:
         raise ValueError(f"{path} does not match the checksum recorded in {CONFIG_NAME}: the file is corrupted, "
                          "or it is not the one saved with this config (an interrupted or mixed-up copy?)")
-    return weights
+    return upgrade_weights(weights)
 
 
 def check_weights(weights: Mapping[str, torch.Tensor], module: nn.Module, path: str | os.PathLike) -> None:

@@ -53,10 +53,11 @@ BAD_COMPOSE = [
     (dict(num_heads=0), ValueError, r"num_heads=0 is invalid: expected a positive integer"),
     (dict(num_heads=-4), ValueError, r"num_heads=-4 is invalid"),
     (dict(num_heads=2.0), ValueError, r"num_heads=2\.0 is invalid"),
-    (dict(init="zeros"), ValueError, r"init='zeros' is invalid: expected one of \('identity', 'paper'\)"),
+    (dict(init="zeros"), ValueError, r"init='zeros' is invalid: expected one of \('identity', 'random'\)"),
     (dict(augment_mode="encoder"), ValueError, r"augment_mode='encoder' is invalid: .*'iterative', 'prompt'"),
     (dict(augment_mode=None), ValueError, r"augment_mode=None is invalid"),
     (dict(qk_norm="yes"), ValueError, r"qk_norm='yes' is invalid: expected True or False"),
+    (dict(value_norm=None), ValueError, r"value_norm=None is invalid: expected True or False"),
 ]
 
 

@@ -169,10 +169,11 @@ def _set_in(key, **values):
 BAD_CONFIGS = [
     # (id, edit, message) -- test_serialization.py covers num_heads missing/str, anchor.width str, init, not JSON
     *[(f"missing_{name}", _drop(name), rf"field '{name}' is missing")
-      for name in ("connections", "qk_norm", "init", "augment_mode", "anchor", "augments")],
+      for name in ("connections", "qk_norm", "value_norm", "init", "augment_mode", "anchor", "augments")],
     ("connections_dict", _set(connections={}), r"field 'connections' must be list, got dict"),
     ("connections_str", _set(connections="2:1"), r"field 'connections' must be list, got str"),
     ("qk_norm_int", _set(qk_norm=1), r"field 'qk_norm' must be bool, got int"),
+    ("value_norm_int", _set(value_norm=1), r"value_norm=1 is invalid: expected True or False"),
     ("num_heads_bool", _set(num_heads=True), r"field 'num_heads' must be int, got bool"),
     ("num_heads_float", _set(num_heads=2.0), r"field 'num_heads' must be int, got float"),
     ("num_heads_zero", _set(num_heads=0), r"num_heads=0 is invalid: expected a positive integer"),
@@ -197,9 +198,9 @@ BAD_CONFIGS = [
     ("pair_not_list", _set(connections=[[5]]), r"connections\[0\]=5 is invalid: expected a pair"),
     ("no_pairs", _set(connections=[[]]), r"connections=\[\] is invalid: expected a non-empty list"),
     ("more_lists_than_augments", _set(connections=[[[2, 1]], [[3, 2]]]), r"2 connection lists|2 lists but there"),
-    ("future_format", _set(format="calm/3"), r"format 'calm/3' was written by a newer version of calm, which this "
-                                             r"one cannot read \(it reads up to 'calm/2'\): upgrade calm-compose"),
-    ("other_format", _set(format="calm-run/2"), r"format 'calm-run/2' is not supported: expected 'calm/2'"),
+    ("future_format", _set(format="calm/4"), r"format 'calm/4' was written by a newer version of calm, which this "
+                                             r"one cannot read \(it reads up to 'calm/3'\): upgrade calm-compose"),
+    ("other_format", _set(format="calm-run/3"), r"format 'calm-run/3' is not supported: expected 'calm/3'"),
     ("option_missing", lambda c: c.pop("augment_norm"), r"field 'augment_norm' is missing"),
     ("checksum_int", _set(weights_sha256=5), r"field 'weights_sha256' must be str, got int"),
 ]

@@ -37,7 +37,7 @@ from transformers import (
 )
 
 from calm.data import IGNORE_INDEX, pad
-from calm.eval import greedy_completions
+from calm.eval import greedy_decode, is_exact_match
 from calm.tasks.kv_arithmetic import (
     Example,
     KVConfig,
@@ -436,11 +436,11 @@ def evaluate_exact_match(
     batch_size: int = 250,
     desc: str = "eval",
 ) -> EvalResult:
-    """Greedy-decode each prompt and compare the completion, up to EOS, with the expected string.
+    """Greedy-decode each prompt and score it with `calm.eval.is_exact_match` in its "exact" mode: the text up to
+    EOS must be the expected string, character for character, and the model must emit EOS right after it.
 
     Works with any model that has Hugging Face `generate` (the composed CALM model included). Prompts are
-    left-padded; they are batched in order of length only to waste less compute on padding. A prediction
-    counts only if the model also emits EOS right after it.
+    left-padded; they are batched in order of length only to waste less compute on padding.
     """
     if max_new_tokens is None:  # the longest expected completion, plus its EOS
         max_new_tokens = max(len(tokenizer(ex["completion"], add_special_tokens=False)["input_ids"])
@@ -449,14 +449,15 @@ def evaluate_exact_match(
     model.eval()
     order = sorted(range(len(examples)), key=lambda i: len(examples[i]["prompt"]))
     try:
-        completions = greedy_completions(model, tokenizer, [examples[i]["prompt"] for i in order], max_new_tokens,
-                                         batch_size, progress=True, require_eos=True, desc=desc)
+        completions = greedy_decode(model, tokenizer, [examples[i]["prompt"] for i in order], max_new_tokens,
+                                    batch_size, progress=True, desc=desc)
     finally:
         model.train(was_training)
     predictions: list[str] = [""] * len(examples)
+    correct = 0
     for i, completion in zip(order, completions):
-        predictions[i] = completion
-    correct = sum(p == ex["completion"] for p, ex in zip(predictions, examples))
+        predictions[i] = completion.text if completion.ended else ""
+        correct += is_exact_match(completion.text, examples[i]["completion"], "exact", completion.ended)
     return EvalResult(accuracy=correct / max(1, len(examples)), predictions=predictions)
 
 

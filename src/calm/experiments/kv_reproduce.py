@@ -98,9 +98,12 @@ def compose(anchor_path: Path, augment: PreTrainedModel, spec: CompositionSpec, 
     connections = list(spec.connections)
     if spec.substitution_connection and "kv_substitution" in tasks:
         connections.append([augment.config.num_hidden_layers - 1, anchor.config.num_hidden_layers - 1])
+    # The layer every result of this reproduction was made with, whatever the library's defaults: queries, keys
+    # and values read RMS-normalised states (what qk_norm=True meant before value_norm was split from it), and
+    # the output projections start at zero.
     return calm.compose(anchor, augment, connections=connections, num_heads=spec.num_heads, augment_mode=mode,
                         rope_theta=spec.rope_theta, augment_dropout=spec.augment_dropout,
-                        augment_norm=spec.augment_norm)
+                        augment_norm=spec.augment_norm, qk_norm=True, value_norm=True, init="identity")
 
 
 def extend(trained: calm.CALMForCausalLM, anchor_path: Path, spec: CompositionSpec,

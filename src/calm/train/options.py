@@ -14,6 +14,7 @@ import torch
 from transformers import TrainingArguments
 
 from ..data import LOSS_ON
+from ..eval import MATCH_MODES
 
 SCHEDULERS = ("cosine", "linear", "constant")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -55,6 +56,9 @@ class TrainConfig:
     eval_steps: int = _option(0, "evaluate every N steps; 0: only at the end (when there is eval data)")
     eval_batch_size: int = _option(0, "examples per device when evaluating; 0: batch_size")
     exact_match: bool = _option(True, "also report exact match of greedy completions (prompt/completion)")
+    exact_match_mode: str = _option("stripped", "what counts as exact (calm.eval.is_exact_match): stripped: equal "
+                                    "once whitespace at the ends is stripped; exact: the completion, character for "
+                                    "character, then EOS", MATCH_MODES)
     max_new_tokens: int = _option(0, "generation length for exact match; 0: longest eval completion + 1")
     max_exact_match_examples: int = _option(0, "evaluate exact match on at most N examples; 0: all")
     save_steps: int = _option(500, "checkpoint every N steps; 0: no checkpoints")

@@ -72,8 +72,9 @@ def train(model: nn.Module, tokenizer: PreTrainedTokenizerBase, train_data: Data
         data_collator=PaddingCollator(pad_token_id(tokenizer), aligners=getattr(model, "aligners", None),
                                       augment_mode=model.config.augment_mode if is_calm else "iterative"),
         augment_cache=cache,
-        exact_match=config.exact_match, max_new_tokens=config.max_new_tokens,
-        max_exact_match_examples=config.max_exact_match_examples, on_nan=config.on_nan,
+        exact_match=config.exact_match, exact_match_mode=config.exact_match_mode,
+        max_new_tokens=config.max_new_tokens, max_exact_match_examples=config.max_exact_match_examples,
+        on_nan=config.on_nan,
     )
     extra = [epoch_timer, *([RefreshAugmentCache(cache)] if cache is not None else []), *callbacks]
     add_logging_callbacks(trainer, config, run_dir)

@@ -33,11 +33,12 @@ class CompositionTrainer(Trainer):
     atomic, composition-aware checkpoints. Works for any causal LM; the CALM-specific parts switch off."""
 
     def __init__(self, *args: Any, augment_cache: AugmentStateCache | None = None, exact_match: bool = True,
-                 max_new_tokens: int = 0, max_exact_match_examples: int = 0, on_nan: str = "stop",
-                 **kwargs: Any) -> None:
+                 exact_match_mode: str = "stripped", max_new_tokens: int = 0, max_exact_match_examples: int = 0,
+                 on_nan: str = "stop", **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.augment_cache = augment_cache
         self.exact_match = exact_match
+        self.exact_match_mode = exact_match_mode  # `calm.eval.is_exact_match`'s `match`
         self.max_new_tokens = max_new_tokens
         self.max_exact_match_examples = max_exact_match_examples
         self.nan_guard = NonFiniteGuard(self, on_nan)
@@ -147,9 +148,9 @@ class CompositionTrainer(Trainer):
         return output
 
     def _exact_match(self, examples: list[dict[str, str]]) -> float:
-        """Fraction of examples whose greedy completion equals the reference. Under DDP each process takes
-        a share; a sharded model (FSDP, DeepSpeed) needs every process in every forward, so there all of
-        them generate the same batches in lockstep (`synced_gpus`)."""
+        """Fraction of examples whose greedy completion is the reference (`calm.eval.is_exact_match` in mode
+        `exact_match_mode`). Under DDP each process takes a share; a sharded model (FSDP, DeepSpeed) needs every
+        process in every forward, so there all of them generate the same batches in lockstep (`synced_gpus`)."""
         tokenizer = self.processing_class
         completions = tokenizer([e["completion"] for e in examples], add_special_tokens=False)["input_ids"]
         max_new_tokens = self.max_new_tokens or 1 + max(len(ids) for ids in completions)  # + EOS
@@ -157,7 +158,7 @@ class CompositionTrainer(Trainer):
         share = examples if sharded else examples[self.args.process_index :: self.args.world_size]
         sync = {"synced_gpus": True} if sharded else {}
         correct = exact_match_count(self.accelerator.unwrap_model(self.model), tokenizer, share, max_new_tokens,
-                                    self.args.per_device_eval_batch_size, **sync)
+                                    self.args.per_device_eval_batch_size, match=self.exact_match_mode, **sync)
         if sharded:
             return correct / len(examples)
         totals = torch.tensor([correct, len(share)], dtype=torch.float64, device=self.args.device)
