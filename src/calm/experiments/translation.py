@@ -428,7 +428,8 @@ def write_report(out_dir: Path, result: TranslationResult) -> None:
             f"chrF (sacrebleu, β=2) and BLEU of greedy translations of {len(result.references)} verses of "
             f"{' + '.join(task.SPLITS[spec['eval_split']])} ({spec['eval_split']} split). m_B = {spec['anchor']}, "
             f"m_A = {spec['augment']}. D_C: {result.settings['train_verses']} verses of "
-            f"{' + '.join(task.SPLITS['train'])}; every trained row: {spec['steps']} steps of {spec['batch_size']}. "
+            f"{' + '.join(task.SPLITS['train'])}{replay_note(spec)}; every trained row: {spec['steps']} steps of "
+            f"{spec['batch_size']}. "
             f"Connections (m_A block, m_B block): {spec['connections']}. English perplexity: held-out package "
             f"documentation. Total time {result.seconds / 60:.1f} min on {result.settings['torch_threads']} "
             "CPU thread(s).\n")
@@ -437,6 +438,11 @@ def write_report(out_dir: Path, result: TranslationResult) -> None:
     if result.examples:
         text += f"\n## Example translations\n\n{examples_table(result)}\n"
     (out_dir / "results.md").write_text(text)
+
+
+def replay_note(spec: dict) -> str:
+    size = spec.get("replay_size", 0)
+    return f" and {size} pieces of English prose (the Python Language Reference)" if size else ""
 
 
 def plot_learning_curves(path: Path, runs_dir: Path, names: list[str]) -> None:
