@@ -159,6 +159,20 @@ def test_report_and_summary(tmp_path):
         exp.summarize(tmp_path, [tmp_path / "missing"])
 
 
+def test_summary_merges_rows_of_one_seed_run_side_by_side(tmp_path):
+    calm_run, lora_run, again = tmp_path / "calm", tmp_path / "lora", tmp_path / "again"
+    for run, rows in ((calm_run, {"CALM"}), (lora_run, {"m_B, few-shot"}), (again, {"CALM"})):
+        run.mkdir()
+        result = fake_result(0, 40.0 if run != again else 30.0)
+        result.table = {k: v for k, v in result.table.items() if k in rows}
+        result.outputs = {k: v for k, v in result.outputs.items() if k in rows}
+        exp.write_report(run, result)
+    summary = exp.summarize(tmp_path / "all", [calm_run, lora_run])
+    assert "seeds [0]" in summary and "| CALM | 40.0 ± 0.0 |" in summary and "| m_B, few-shot |" in summary
+    with pytest.raises(ValueError, match=r"rows \['CALM'\] of seed 0"):
+        exp.summarize(tmp_path / "all", [calm_run, again])
+
+
 def test_length_buckets_split_evenly():
     buckets = exp.length_buckets([5, 1, 9, 3, 7, 2], 3)
     assert [idx for _, idx in buckets] == [[1, 5], [3, 0], [4, 2]]

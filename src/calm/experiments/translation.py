@@ -488,12 +488,13 @@ def plot_by_length(path: Path, result: TranslationResult) -> None:
 
 
 def summarize(out_dir: Path, run_dirs: list[Path]) -> str:
-    """Combine finished runs (one per seed) into mean ± std in `out_dir/results.md` and `results.json`."""
+    """Combine finished runs into mean ± std over seeds in `out_dir/results.md` and `results.json`. A seed's rows
+    may be split over several runs (see `merge_by_seed`)."""
     missing = [str(d) for d in run_dirs if not (d / "results.json").is_file()]
     if missing:
         raise FileNotFoundError(f"no results.json in {', '.join(missing)}: run `calm reproduce translation "
                                 "--output-dir DIR` there first")
-    runs = [json.loads((d / "results.json").read_text()) for d in run_dirs]
+    runs = merge_by_seed([json.loads((d / "results.json").read_text()) for d in run_dirs], run_dirs)
     out_dir.mkdir(parents=True, exist_ok=True)
     lines = ["| model | chrF | BLEU | English ppl / m_B's |", "|---|---:|---:|---:|"]
     stats: dict[str, dict[str, list[float]]] = {}
@@ -506,15 +507,29 @@ def summarize(out_dir: Path, run_dirs: list[Path]) -> str:
         lines.append(f"| {name} | {mean_std(values['chrF'])} | {mean_std(values['BLEU'])} | {ppl} |")
     seeds = [r["seed"] for r in runs]
     text = (f"# Translation with real models: mean ± std over seeds {seeds}\n\n" + "\n".join(lines) + "\n\n"
-            "std: sample standard deviation over the runs that have the row (an untrained row decodes greedily, "
-            "so it is the same for every seed and may come from one run only). Minutes per run: "
-            + ", ".join(f"{r['seconds'] / 60:.1f}" for r in runs) + ".\n\n"
-            + "\n".join(f"## Seed {r['seed']} ({d})\n\n{(d / 'results.md').read_text().split(chr(10), 2)[2]}"
-                        for r, d in zip(runs, run_dirs)))
+            "std: sample standard deviation over the seeds that have the row (an untrained row decodes greedily, "
+            "so it is the same for every seed and may come from one run only). Minutes per seed (rows run side by "
+            "side add up): " + ", ".join(f"{r['seconds'] / 60:.1f}" for r in runs) + ".\n\n"
+            + "\n".join(f"## {d}\n\n{(d / 'results.md').read_text().split(chr(10), 2)[2]}" for d in run_dirs))
     (out_dir / "results.md").write_text(text)
     (out_dir / "results.json").write_text(json.dumps({"seeds": seeds, "stats": stats,
                                                       "runs": [str(d) for d in run_dirs]}, indent=2))
     return text
+
+
+def merge_by_seed(runs: list[dict], run_dirs: list[Path]) -> list[dict]:
+    """One run per seed: the rows of one seed may come from several directories (rows run side by side), and
+    each row from only one of them."""
+    merged: dict[int, dict] = {}
+    for run, directory in zip(runs, run_dirs):
+        seed = merged.setdefault(run["seed"], {**run, "table": {}, "perplexity": {}, "seconds": 0.0})
+        if twice := sorted(set(seed["table"]) & set(run["table"])):
+            raise ValueError(f"{directory} has rows {twice} of seed {run['seed']}, which another run directory "
+                             "has too: give each row of a seed once")
+        seed["table"] |= run["table"]
+        seed["perplexity"] |= run["perplexity"]
+        seed["seconds"] += run["seconds"]
+    return list(merged.values())
 
 
 def mean_std(values: list[float], digits: int = 1) -> str:
