@@ -115,6 +115,30 @@ def _read_jsonl(path: Path) -> Iterable[tuple[str, Any]]:
                 raise DataError(f"{where}: malformed JSON: {e.msg} (column {e.colno})") from None
 
 
+def load_prompts(path: str | os.PathLike) -> list[str]:
+    """Prompts to complete, from a file: JSONL records with a non-empty string "prompt" (a `.jsonl` file), else one
+    prompt per non-blank line. Raises `DataError` naming the line of a bad record, and for a file with none."""
+    path = Path(path)
+    if path.suffix == ".jsonl":
+        prompts = []
+        for where, record in _read_jsonl(path):
+            prompt = record.get("prompt") if isinstance(record, Mapping) else None
+            if not isinstance(prompt, str) or not prompt:
+                raise DataError(f"{where}: expected an object with a non-empty string 'prompt'")
+            prompts.append(prompt)
+    else:
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such prompts file")
+        try:
+            text = path.read_text(encoding="utf-8-sig")
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}: not valid UTF-8 (byte {e.start}: {e.reason})") from None
+        prompts = [line for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise DataError(f"{path}: no prompts (the file is empty)")
+    return prompts
+
+
 def _check_all(records: Iterable[tuple[str, Any]], source: str) -> ExampleSet:
     examples: list[dict[str, str]] = []
     locations: list[str] = []
