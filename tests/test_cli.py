@@ -376,3 +376,26 @@ def test_device_auto_is_the_gpu_when_there_is_one_else_the_cpu(monkeypatch, caps
     assert resolve_device("auto") == torch.device("cuda")
     assert base_dtype("auto", torch.device("cuda")) == torch.bfloat16
     assert base_dtype("auto", torch.device("cpu")) == torch.float32  # --device cpu on a GPU machine
+
+
+def test_train_and_eval_on_chat_data(assets, tmp_path, capsys):
+    """`messages` records go through the anchor tokenizer's chat template, which is saved with the run."""
+    tokenizer = char_tokenizer()
+    tokenizer.chat_template = ("{% for m in messages %}<s>{{ m['role'] }}:{{ m['content'] }}</s>{% endfor %}"
+                               "{% if add_generation_prompt %}<s>assistant:{% endif %}")
+    tokenizer.save_pretrained(tmp_path / "chat_tokenizer")
+    chats = [{"messages": [{"role": "user", "content": f"{a}+{a}"}, {"role": "assistant", "content": str(2 * a)}]}
+             for a in range(8)]
+    data = write_jsonl(chats, tmp_path / "chat.jsonl")
+    assert main(["train", "--anchor", str(assets["anchor"]), "--augment", str(assets["augment"]), "--tokenizer",
+                 str(tmp_path / "chat_tokenizer"), "--train-data", str(data), "--max-steps", "1", "--batch-size",
+                 "4", "--no-progress-bar", "--output-dir", str(tmp_path / "run")]) == 0
+    capsys.readouterr()
+    assert main(["eval", "--composition", str(tmp_path / "run"), "--data", str(data)]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    predictions = [json.loads(line) for line in (tmp_path / "run" / "eval" / "chat.predictions.jsonl").open()]
+    assert metrics["examples"] == 8 and "exact_match" not in metrics
+    assert [p["messages"] for p in predictions] == [c["messages"] for c in chats]
+    turn_tokens = [len(c["messages"][1]["content"]) + 1 for c in chats]  # one token a character, then </s>
+    weighted = sum(p["loss"] * n for p, n in zip(predictions, turn_tokens)) / sum(turn_tokens)
+    assert metrics["loss"] == pytest.approx(weighted, rel=1e-5)  # the loss is on the assistant turns only

@@ -25,7 +25,7 @@ BAD_FILES = [
     ("bare_string", GOOD + '"just text"\n', r":2: expected a JSON object, got str"),
     ("null_record", "null\n", r":1: expected a JSON object, got NoneType"),
     ("missing_prompt", '{"completion": "2"}\n', r":1: missing key 'prompt'"),
-    ("no_known_keys", GOOD + "{}\n", r":2: expected keys 'prompt' and 'completion', or 'text'; got \[\]"),
+    ("no_known_keys", GOOD + "{}\n", r":2: expected keys 'prompt' and 'completion', 'text', or 'messages'; got \[\]"),
     ("empty_prompt", '{"prompt": "", "completion": "2"}\n', r":1: 'prompt' is an empty string"),
     ("null_completion", '{"prompt": "a", "completion": null}\n', r":1: 'completion' must be a string, got NoneType"),
     ("nan_prompt", '{"prompt": NaN, "completion": "2"}\n', r":1: 'prompt' must be a string, got float"),
