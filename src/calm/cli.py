@@ -312,12 +312,13 @@ def _compose(args: argparse.Namespace, anchor: Any, augments: list, tokenizers: 
 
 
 def skeleton(config: Any, args: argparse.Namespace):
-    """The model a config describes, with no weights (accelerate's `init_empty_weights`: every parameter on the
-    meta device): its blocks and norms exist, so composing it runs every check `calm.compose` makes."""
+    """The model a config describes, with no weights (accelerate's `init_empty_weights`: every parameter and
+    buffer on the meta device): its blocks and norms exist, so composing it runs every check `calm.compose`
+    makes."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
-    with init_empty_weights():
+    with init_empty_weights(include_buffers=True):
         return AutoModelForCausalLM.from_config(config, trust_remote_code=args.trust_remote_code)
 
 
@@ -327,7 +328,7 @@ def check_composition(args: argparse.Namespace, configs: Sequence[Any], tokenize
     from accelerate import init_empty_weights
 
     anchor, *augments = (skeleton(config, args) for config in configs)
-    with init_empty_weights():  # the composition layers too
+    with init_empty_weights(include_buffers=True):  # the composition layers too
         _compose(args, anchor, augments, tokenizers)
 
 
