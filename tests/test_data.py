@@ -9,6 +9,7 @@ import torch
 from train_worker import char_tokenizer, write_jsonl
 
 from calm.data import (
+    CHAT,
     IGNORE_INDEX,
     PROMPT_COMPLETION,
     TEXT,
@@ -17,9 +18,18 @@ from calm.data import (
     TruncationWarning,
     encode_prompts,
     load_examples,
+    load_prompts,
     pad,
     tokenize,
 )
+
+# A chat template of the kind real ones are: each turn framed by special tokens, and a generation prompt that
+# opens the assistant's turn.
+CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}:{{ m['content'] }}</s>{% endfor %}"
+                 "{% if add_generation_prompt %}<s>assistant:{% endif %}")
+CHAT_EXAMPLE = {"messages": [{"role": "system", "content": "add"}, {"role": "user", "content": "1+2"},
+                             {"role": "assistant", "content": "3"}, {"role": "user", "content": "4+4"},
+                             {"role": "assistant", "content": "8"}]}
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +70,14 @@ def test_reads_a_datasets_dataset():
         ('{"prompt": "a", "completion": "b"}\n{"prompt": "a", \n', r":2: malformed JSON"),
         ('{"prompt": "a", "completion": "b"}\n[1, 2]\n', r":2: expected a JSON object, got list"),
         ('{"prompt": "a"}\n', r":1: missing key 'completion'"),
-        ('{"question": "a", "answer": "b"}\n', r":1: expected keys 'prompt' and 'completion', or 'text'"),
+        ('{"question": "a", "answer": "b"}\n', r":1: expected keys 'prompt' and 'completion', 'text', or 'messages'"),
+        ('{"messages": []}\n', r":1: 'messages' must be a non-empty list"),
+        ('{"messages": [{"role": "user"}]}\n', r":1: messages\[0\] must be an object with 'role' and 'content'"),
+        ('{"messages": [{"role": "user", "content": "hi"}]}\n', r":1: no 'assistant' message"),
+        ('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""}]}\n',
+         r":1: messages\[1\]\.content is an empty string"),
+        ('{"messages": [{"role": "assistant", "content": 3}]}\n', r":1: messages\[0\]\.content must be a string"),
+        ('{"text": "a", "messages": []}\n', r":1: has both 'text' and 'messages'"),
         ('{"prompt": "a", "completion": ""}\n', r":1: 'completion' is an empty string"),
         ('{"text": ""}\n', r":1: 'text' is an empty string"),
         ('{"prompt": "a", "completion": 3}\n', r":1: 'completion' must be a string, got int"),
@@ -154,3 +171,62 @@ def test_datasets_round_trip_through_json(tmp_path, tok):
     path.write_text(json.dumps(rows[0], ensure_ascii=False) + "\n", encoding="utf-8")
     assert load_examples(path).examples == rows
     assert torch.is_tensor(PaddingCollator(0)(tokenize(path, tok, 32).rows)["input_ids"])
+
+
+@pytest.fixture
+def chat_tok():
+    tokenizer = char_tokenizer()
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def labelled_spans(tokenizer, row) -> list[str]:
+    """The text of each run of tokens that carry a label."""
+    spans, current = [], []
+    for token, label in zip(row["input_ids"], row["labels"]):
+        if label != IGNORE_INDEX:
+            assert label == token
+            current.append(token)
+        elif current:
+            spans, current = [*spans, tokenizer.decode(current)], []
+    return spans + ([tokenizer.decode(current)] if current else [])
+
+
+def test_chat_records_carry_the_loss_on_the_assistant_turns_through_the_chat_template(tmp_path, chat_tok):
+    path = write_jsonl([CHAT_EXAMPLE], tmp_path / "chat.jsonl")
+    assert load_examples(path).format == CHAT and load_examples(path).examples == [CHAT_EXAMPLE]
+    row = tokenize(path, chat_tok, max_length=128)[0]
+    rendered = chat_tok.apply_chat_template(CHAT_EXAMPLE["messages"], tokenize=False)
+    assert row["input_ids"] == chat_tok(rendered, add_special_tokens=False)["input_ids"]  # no BOS/EOS added
+    assert labelled_spans(chat_tok, row) == ["3</s>", "8</s>"]  # each turn with its end-of-turn token
+    first_prompt = chat_tok.apply_chat_template(CHAT_EXAMPLE["messages"][:2], tokenize=False,
+                                                add_generation_prompt=True)
+    assert row["augment_length"] == len(chat_tok(first_prompt, add_special_tokens=False)["input_ids"])
+    everything = tokenize(path, chat_tok, max_length=128, loss_on="all")[0]
+    assert everything["labels"] == everything["input_ids"]
+
+
+def test_chat_data_needs_a_template_that_renders_turns_one_after_another(chat_tok):
+    with pytest.raises(DataError, match=r"chat \('messages'\) data needs a tokenizer with a chat template"):
+        tokenize([CHAT_EXAMPLE], char_tokenizer(), max_length=128)
+    chat_tok.chat_template = ("{% for m in messages %}{% if loop.last %}<s>{{ m['content'] }}:last"
+                              "{% else %}{{ m['content'] }}{% endif %}{% endfor %}")
+    with pytest.raises(DataError, match=r"examples row 0: the chat template does not render this chat's turns one "
+                                        r"after another \(messages\[2\]\)"):
+        tokenize([CHAT_EXAMPLE], chat_tok, max_length=128)
+    chat_tok.chat_template = "{{ raise_exception('roles must alternate') }}"
+    with pytest.raises(DataError, match="examples row 0: the chat template cannot render this chat: roles must"):
+        tokenize([CHAT_EXAMPLE], chat_tok, max_length=128)
+
+
+def test_prompts_files_are_jsonl_records_or_lines(tmp_path):
+    lines = tmp_path / "p.txt"
+    lines.write_text("1+2=\n\n  \n3+4=\n")
+    assert load_prompts(lines) == ["1+2=", "3+4="]
+    records = write_jsonl([{"prompt": "a\nb"}, {"prompt": "c", "id": 2}], tmp_path / "p.jsonl")
+    assert load_prompts(records) == ["a\nb", "c"]
+    write_jsonl([{"prompt": "a"}, {"text": "b"}], tmp_path / "bad.jsonl")
+    with pytest.raises(DataError, match=r"bad\.jsonl:2: expected an object with a non-empty string 'prompt'"):
+        load_prompts(tmp_path / "bad.jsonl")
+    with pytest.raises(FileNotFoundError, match="no such prompts file"):
+        load_prompts(tmp_path / "missing.txt")

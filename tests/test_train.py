@@ -96,7 +96,7 @@ def test_config_errors_name_the_field(overrides, field):
 def test_yaml_config_file_sets_options_and_flags_override(tmp_path):
     from calm.cli import apply_config_file, build_parser
 
-    (tmp_path / "c.yaml").write_text("learning_rate: 1e-4\nmax_steps: 3\nanchor: a\naugment: [b]\n")
+    (tmp_path / "c.yaml").write_text("learning_rate: 1e-4\nmax_steps: 3\nanchor: a\naugment: [b]\noutput_dir: r\n")
     base = ["train", "--train-data", "x.jsonl", "--config", str(tmp_path / "c.yaml")]
     args = apply_config_file(build_parser(), base)
     config = train_config_from_args(args)

@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import fields
 from pathlib import Path
@@ -19,10 +20,11 @@ from typing import Any
 from transformers import set_seed
 
 from .config import DEPRECATED_INITS, INITS, OPTIONS, PRESETS
-from .data import ExampleSet, load_examples
+from .data import ExampleSet, load_examples, load_prompts
 from .eval import MATCH_MODES
 from .formats import RUN_RECORD, read_version, upgrade_options
-from .train import TrainConfig, TrainResult, data_limits, prepare_dataset, train
+from .train import CHECKPOINTS_DIR, TrainConfig, TrainResult, check_run_dir, data_limits, prepare_dataset, train
+from .train.checkpoints import TRAINER_STATE_FILE
 
 EXIT_USER_ERROR = 2
 EXIT_INTERNAL_ERROR = 1
@@ -57,6 +59,17 @@ def add_base_arguments(parser: argparse.ArgumentParser, required: bool = True) -
                        help="dtype of the frozen base models (auto: bfloat16 on GPUs that have it, else float32); "
                             "composition layers stay float32")
     group.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from the hub")
+
+
+def add_device_arguments(parser: argparse.ArgumentParser) -> None:
+    """Where a loaded composition runs."""
+    group = parser.add_argument_group("device")
+    group.add_argument("--device", default="auto",
+                       help="auto (the GPU when there is one, else the CPU), cpu, cuda, cuda:1, ...")
+    group.add_argument("--device-map", default=None,
+                       help="instead of --device: the base models' device_map for from_pretrained (e.g. auto, "
+                            "which needs accelerate); the composition layers go where the anchor's first "
+                            "layer is")
 
 
 def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
@@ -112,6 +125,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         kind = type(f.default)
         kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS,
                                   "help": f"{f.metadata['help']} (default: {f.default!r})"}
+        if f.name == "output_dir":  # a run is never written to a place the user did not name
+            kwargs.update(required=True, help=f.metadata["help"])
         if kind is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
@@ -157,37 +172,97 @@ def parse_connections(text: str) -> list:
     return groups[0] if len(groups) == 1 else groups
 
 
-def base_dtype(name: str | None):
-    """The torch dtype a --dtype name stands for ("auto": bfloat16 on GPUs that support it, else float32)."""
+def base_dtype(name: str | None, device: Any = None):
+    """The torch dtype a --dtype name stands for ("auto": bfloat16 when the model runs on a GPU that supports it,
+    else float32; `device`: where it will run, None: on the GPU when there is one)."""
     import torch
 
     if name in (None, "auto"):
-        has_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-        return torch.bfloat16 if has_bf16 else torch.float32
+        on_gpu = torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda")
+        return torch.bfloat16 if on_gpu and torch.cuda.is_bf16_supported() else torch.float32
     if name not in DTYPES:
         raise UserError(f"--dtype {name!r} is invalid: expected one of {', '.join(DTYPES)}")
     return getattr(torch, name)
 
 
-def load_base(name: str, args: argparse.Namespace):
+def resolve_device(name: str):
+    """The torch device a --device name stands for (auto: the GPU when there is one, else the CPU)."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise UserError(f"--device {name!r} is invalid: expected auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: there is no CUDA device here (use --device cpu, or auto)")
+    return device
+
+
+def check_model_path(name: str, flag: str, base: bool = True) -> None:
+    """Fail at once, without asking the Hub, when a model (or tokenizer) named by a local path is not there, or
+    when a saved composition is given where a `base` model goes. Names that can be Hub ids (`name`, `org/name`)
+    are left to `from_pretrained`."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    from .serialization import CONFIG_NAME
+
+    path = Path(name)
+    if base and (path / CONFIG_NAME).is_file():
+        raise UserError(f"{flag} {name}: this is a composition ({CONFIG_NAME}), not a base model: use "
+                        f"--composition {name} (calm eval, generate, serve)")
+    if path.exists():
+        return
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        raise UserError(f"{flag} {name}: no such file or directory (and not a Hub model id)") from None
+
+
+def _load_error(what: str, name: str, flag: str, error: OSError) -> UserError:
+    where = "" if Path(name).exists() else " (not a local directory, so it was looked up on the Hub)"
+    return UserError(f"{flag} {name}: cannot load the {what}{where}: {_first_line(error)}")
+
+
+def base_kwargs(args: argparse.Namespace, device: Any = None) -> dict[str, Any]:
+    """`from_pretrained` arguments of the base models: remote code, dtype, and `--device-map` where the command
+    has it."""
+    kwargs = {"trust_remote_code": args.trust_remote_code, "dtype": base_dtype(args.dtype, device)}
+    if getattr(args, "device_map", None):
+        kwargs["device_map"] = args.device_map
+    return kwargs
+
+
+def load_base(name: str, args: argparse.Namespace, flag: str, device: Any = None):
     """Load one base causal LM by HF name or path, with a clear error when it cannot be found."""
     from transformers import AutoModelForCausalLM
 
+    check_model_path(name, flag)
     try:
-        return AutoModelForCausalLM.from_pretrained(name, trust_remote_code=args.trust_remote_code,
-                                                    dtype=base_dtype(args.dtype))
+        return AutoModelForCausalLM.from_pretrained(name, **base_kwargs(args, device))
     except OSError as e:
-        raise UserError(f"cannot load model {name!r}: {str(e).splitlines()[0]}") from e
+        raise _load_error("model", name, flag, e) from e
 
 
-def load_base_config(name: str, args: argparse.Namespace):
-    """A base model's config only (no weights): cheap, so that data can be checked against the model first."""
+def load_base_config(name: str, args: argparse.Namespace, flag: str):
+    """A base model's config only (no weights): cheap, so that everything can be checked against the model first."""
     from transformers import AutoConfig
 
+    check_model_path(name, flag)
     try:
         return AutoConfig.from_pretrained(name, trust_remote_code=args.trust_remote_code)
     except OSError as e:
-        raise UserError(f"cannot load model {name!r}: {str(e).splitlines()[0]}") from e
+        raise _load_error("model config", name, flag, e) from e
+
+
+def base_configs(args: argparse.Namespace) -> list:
+    """The configs of `--anchor` and every `--augment`, in that order (every path checked before any is read)."""
+    bases = [(args.anchor, "--anchor"), *((name, "--augment") for name in args.augment)]
+    for name, flag in bases:
+        check_model_path(name, flag)
+    return [load_base_config(name, args, flag) for name, flag in bases]
 
 
 def augment_tokenizers_from_args(args: argparse.Namespace) -> list | None:
@@ -198,48 +273,113 @@ def augment_tokenizers_from_args(args: argparse.Namespace) -> list | None:
     if args.augment and len(names) != len(args.augment):
         raise UserError(f"--augment-tokenizer is given {len(names)} time(s) for {len(args.augment)} --augment: "
                         "give one per augment, in the same order")
-    return [load_tokenizer(name) for name in names]
+    return [load_tokenizer(name, "--augment-tokenizer") for name in names]
 
 
-def compose_from_args(args: argparse.Namespace, tokenizer: Any = None):
-    """Load the base models the flags name and compose them as the flags say (`tokenizer`: the anchor's, when
-    already loaded)."""
+def base_tokenizers(args: argparse.Namespace, tokenizer: Any = None) -> tuple[Any, list | None]:
+    """(the anchor's tokenizer, the augments' or None) for composing: `tokenizer` when given, else `--tokenizer`,
+    else the anchor's own when `--augment-tokenizer` needs it (None otherwise)."""
+    augment_tokenizers = augment_tokenizers_from_args(args)
+    if tokenizer is None and args.tokenizer:
+        tokenizer = load_tokenizer(args.tokenizer, "--tokenizer")
+    if tokenizer is None and augment_tokenizers is not None:
+        tokenizer = load_tokenizer(args.anchor, "--anchor")
+    return tokenizer, augment_tokenizers
+
+
+def composition_init(args: argparse.Namespace) -> str:
+    """`--init` under its current name (a deprecated one warns once)."""
+    if args.init in DEPRECATED_INITS:
+        print(f"calm: warning: --init {args.init} is deprecated: it is now called --init "
+              f"{DEPRECATED_INITS[args.init]}", file=sys.stderr)
+        return DEPRECATED_INITS[args.init]
+    return args.init
+
+
+def _compose(args: argparse.Namespace, anchor: Any, augments: list, tokenizers: tuple[Any, list | None]):
     import calm
 
-    augment_tokenizers = augment_tokenizers_from_args(args)
-    if augment_tokenizers is not None and tokenizer is None:
-        tokenizer = load_tokenizer(args.tokenizer or args.anchor)
-    init = args.init
-    if init in DEPRECATED_INITS:
-        print(f"calm: warning: --init {init} is deprecated: it is now called --init {DEPRECATED_INITS[init]}",
-              file=sys.stderr)
-        init = DEPRECATED_INITS[init]
-    anchor = load_base(args.anchor, args)
-    augments = [load_base(name, args) for name in args.augment]
+    tokenizer, augment_tokenizers = tokenizers
     try:
         return calm.compose(anchor, augments, connections=args.connections, num_connections=args.num_connections,
                             every=args.every, num_heads=args.num_heads, qk_norm=args.qk_norm,
-                            value_norm=args.value_norm, init=init,
-                            augment_mode=args.augment_mode, rope_theta=args.rope_theta,
-                            augment_dropout=args.augment_dropout, augment_norm=args.augment_norm,
-                            tokenizer=tokenizer if augment_tokenizers is not None else None,
+                            value_norm=args.value_norm, init=args.init, augment_mode=args.augment_mode,
+                            rope_theta=args.rope_theta, augment_dropout=args.augment_dropout,
+                            augment_norm=args.augment_norm, tokenizer=tokenizer,
                             augment_tokenizers=augment_tokenizers)
     except calm.model.TokenizerMismatchError as e:
         raise UserError(f"{e} (on the command line: --augment-tokenizer, once per --augment)") from None
 
 
-def load_composition(args: argparse.Namespace):
+def skeleton(config: Any, args: argparse.Namespace):
+    """The model a config describes, with no weights (accelerate's `init_empty_weights`: every parameter and
+    buffer on the meta device): its blocks and norms exist, so composing it runs every check `calm.compose`
+    makes."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights(include_buffers=True):
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=args.trust_remote_code)
+
+
+def check_composition(args: argparse.Namespace, configs: Sequence[Any], tokenizers: tuple[Any, list | None]) -> None:
+    """Compose weightless skeletons of the bases: a bad connection, head count, option or tokenizer pairing fails
+    here, in a second, before any weights load."""
+    from accelerate import init_empty_weights
+
+    anchor, *augments = (skeleton(config, args) for config in configs)
+    with init_empty_weights(include_buffers=True):  # the composition layers too
+        _compose(args, anchor, augments, tokenizers)
+
+
+def prepare_composition(args: argparse.Namespace, tokenizer: Any = None,
+                        configs: Sequence[Any] | None = None) -> tuple[Any, list | None]:
+    """Everything of a composition the flags describe that is cheap to check, checked (`check_composition`):
+    returns its tokenizers for `compose_from_args`. `tokenizer`: the anchor's, when already loaded (it is saved
+    with the composition); `configs`: the bases' configs, when already read."""
+    args.init = composition_init(args)
+    tokenizers = base_tokenizers(args, tokenizer)
+    check_composition(args, configs or base_configs(args), tokenizers)
+    return tokenizers
+
+
+def compose_from_args(args: argparse.Namespace, tokenizers: tuple[Any, list | None]):
+    """Load the base models the flags name and compose them as the flags say, after `prepare_composition`."""
+    anchor = load_base(args.anchor, args, "--anchor")
+    augments = [load_base(name, args, "--augment") for name in args.augment]
+    return _compose(args, anchor, augments, tokenizers)
+
+
+def load_composition(args: argparse.Namespace, device: Any = None):
     """A saved composition, on the bases given by flags or those its config records; its saved tokenizers, or
-    those the flags name (which must be the ones it was trained with)."""
+    those the flags name (which must be the ones it was trained with). Its config, and the configs of the bases
+    the flags name, are checked before any weights load."""
     import calm
 
-    anchor = load_base(args.anchor, args) if args.anchor else None
-    augments = [load_base(name, args) for name in args.augment] if args.augment else None
+    from .serialization import check_base, load_config
+
+    local = Path(args.composition).is_dir()
+    if not local:
+        check_model_path(args.composition, "--composition", base=False)
+    tokenizer = load_tokenizer(args.tokenizer, "--tokenizer") if args.tokenizer else None
+    augment_tokenizers = augment_tokenizers_from_args(args)
+    if local and (args.anchor or args.augment):
+        config = load_config(args.composition)
+        given = [("anchor", config.anchor, args.anchor, "--anchor")] if args.anchor else []
+        if args.augment:
+            if len(args.augment) != len(config.augments):
+                raise UserError(f"--augment is given {len(args.augment)} time(s) but the composition has "
+                                f"{len(config.augments)} augment(s)")
+            given += [(f"augments[{k}]", record, name, "--augment")
+                      for k, (record, name) in enumerate(zip(config.augments, args.augment))]
+        for who, record, name, flag in given:
+            check_base(record, skeleton(load_base_config(name, args, flag), args), who)
+    kwargs = base_kwargs(args, device)
+    anchor = load_base(args.anchor, args, "--anchor", device) if args.anchor else None
+    augments = [load_base(name, args, "--augment", device) for name in args.augment] if args.augment else None
     return calm.CALMForCausalLM.from_pretrained(args.composition, anchor=anchor, augments=augments,
-                                                tokenizer=load_tokenizer(args.tokenizer) if args.tokenizer else None,
-                                                augment_tokenizers=augment_tokenizers_from_args(args),
-                                                trust_remote_code=args.trust_remote_code,
-                                                dtype=base_dtype(args.dtype))
+                                                tokenizer=tokenizer, augment_tokenizers=augment_tokenizers,
+                                                **kwargs)
 
 
 def composition_tokenizer(model: Any, args: argparse.Namespace):
@@ -247,16 +387,24 @@ def composition_tokenizer(model: Any, args: argparse.Namespace):
     anchor's own."""
     if model.tokenizer is not None:
         return model.tokenizer
-    return load_tokenizer(args.tokenizer or model.config.anchor["name_or_path"])
+    if args.tokenizer:
+        return load_tokenizer(args.tokenizer, "--tokenizer")
+    anchor = model.config.anchor["name_or_path"]
+    try:
+        return load_tokenizer(anchor, "the anchor")
+    except UserError as e:
+        raise UserError(f"the composition has no tokenizer saved with it, and {e}: pass --tokenizer") from None
 
 
-def load_tokenizer(name: str):
+def load_tokenizer(name: str, flag: str):
+    """A tokenizer by HF name or path (`flag`: where the name came from, for messages)."""
     from transformers import AutoTokenizer
 
+    check_model_path(name, flag, base=False)
     try:
         return AutoTokenizer.from_pretrained(name)
     except OSError as e:
-        raise UserError(f"cannot load a tokenizer from {name!r}: {str(e).splitlines()[0]}") from e
+        raise _load_error("tokenizer", name, flag, e) from e
 
 
 # ----------------------------------------------------------------------------- subcommands
@@ -284,7 +432,7 @@ def cmd_info(args: argparse.Namespace) -> None:
 
 
 def cmd_compose(args: argparse.Namespace) -> None:
-    model = compose_from_args(args)
+    model = compose_from_args(args, prepare_composition(args))
     config = model.config
     print(f"anchor   {config.anchor['name_or_path']}: {config.anchor['num_layers']} layers x {config.anchor['width']}")
     for k, (record, conns) in enumerate(zip(config.augments, config.connections)):
@@ -298,44 +446,92 @@ def cmd_compose(args: argparse.Namespace) -> None:
         print(f"saved the (untrained) composition to {args.save}")
 
 
+def target_device(args: argparse.Namespace):
+    """Where `--device` puts the model, or None when `--device-map` places the bases instead."""
+    if getattr(args, "device_map", None):
+        if args.device != "auto":
+            raise UserError(f"--device {args.device} and --device-map {args.device_map}: give one of them")
+        return None
+    return resolve_device(args.device)
+
+
+def load_placed_composition(args: argparse.Namespace) -> tuple[Any, Any]:
+    """The composition the flags name on its device (`--device` / `--device-map`), and its anchor's tokenizer."""
+    device = target_device(args)
+    model = load_composition(args, device)
+    if device is not None:
+        model.to(device)
+    return model, composition_tokenizer(model, args)
+
+
+def sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """`generate` arguments of the sampling flags (greedy when --temperature is 0)."""
+    if args.temperature > 0:
+        return {"do_sample": True, "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p}
+    return {"do_sample": False}
+
+
 def cmd_generate(args: argparse.Namespace) -> None:
+    if args.prompt is not None and not args.prompt.strip():
+        raise UserError("--prompt is empty: give some text to complete")
+    prompts = load_prompts(args.prompts_file) if args.prompts_file is not None else None  # before any model loads
+    if args.output is not None and prompts is None:
+        raise UserError("--output is for --prompts-file: a single --prompt is streamed to the terminal")
+    model, tokenizer = load_placed_composition(args)
+    if prompts is not None:
+        generate_file(model, tokenizer, prompts, args)
+        return
+    for prompt in [args.prompt] if args.prompt is not None else _interactive_prompts():
+        stream_completion(model, tokenizer, prompt, args)
+
+
+def generate_file(model: Any, tokenizer: Any, prompts: list[str], args: argparse.Namespace) -> None:
+    """Complete every prompt, `--batch-size` at a time, and write one JSON line per prompt (to `--output` or
+    stdout): the prompt, the generated text, and whether the model ended it (EOS) within --max-new-tokens."""
+    from .eval import generate_completions
+
+    completions = generate_completions(model, tokenizer, prompts, args.max_new_tokens, args.batch_size,
+                                       progress=args.output is not None, augment_mode=args.augment_mode,
+                                       **sampling_kwargs(args))
+    lines = [json.dumps({"prompt": p, "generated": c.text, "ended": c.ended}, ensure_ascii=False) + "\n"
+             for p, c in zip(prompts, completions)]
+    if args.output is None:
+        sys.stdout.write("".join(lines))
+        return
+    args.output.write_text("".join(lines), encoding="utf-8")
+    print(f"calm: wrote {len(lines)} completions to {args.output}", file=sys.stderr)
+
+
+def stream_completion(model: Any, tokenizer: Any, prompt: str, args: argparse.Namespace) -> None:
+    """Print the completion of one prompt as it is generated."""
     import threading
 
     from transformers import TextIteratorStreamer
 
-    if args.prompt is not None and not args.prompt.strip():
-        raise UserError("--prompt is empty: give some text to complete")
-    model = load_composition(args)
-    tokenizer = composition_tokenizer(model, args)
-    prompts = [args.prompt] if args.prompt is not None else _interactive_prompts()
-    for prompt in prompts:
-        inputs = tokenizer(prompt, return_tensors="pt")
-        if inputs["input_ids"].shape[1] == 0:
-            raise UserError(f"the prompt {prompt!r} encodes to no tokens")
-        streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-        kwargs = dict(**inputs, max_new_tokens=args.max_new_tokens, streamer=streamer,
-                      augment_mode=args.augment_mode, do_sample=args.temperature > 0,
-                      pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None
-                      else tokenizer.eos_token_id)
-        if args.temperature > 0:
-            kwargs.update(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
-        failure: list[BaseException] = []
+    inputs = tokenizer(prompt, return_tensors="pt").to(model.device)
+    if inputs["input_ids"].shape[1] == 0:
+        raise UserError(f"the prompt {prompt!r} encodes to no tokens")
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    kwargs = dict(**inputs, max_new_tokens=args.max_new_tokens, streamer=streamer, augment_mode=args.augment_mode,
+                  pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None
+                  else tokenizer.eos_token_id, **sampling_kwargs(args))
+    failure: list[BaseException] = []
 
-        def run(kwargs=kwargs, streamer=streamer, failure=failure) -> None:
-            try:
-                model.generate(**kwargs)
-            except BaseException as e:  # handed to the main thread, which would otherwise wait forever
-                failure.append(e)
-                streamer.end()
+    def run() -> None:
+        try:
+            model.generate(**kwargs)
+        except BaseException as e:  # handed to the main thread, which would otherwise wait forever
+            failure.append(e)
+            streamer.end()
 
-        worker = threading.Thread(target=run, daemon=True)
-        worker.start()
-        for text in streamer:
-            print(text, end="", flush=True)
-        worker.join()
-        print()
-        if failure:
-            raise failure[0]
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    for text in streamer:
+        print(text, end="", flush=True)
+    worker.join()
+    print()
+    if failure:
+        raise failure[0]
 
 
 def _interactive_prompts():
@@ -348,33 +544,70 @@ def _interactive_prompts():
             yield line
 
 
+def eval_output_paths(args: argparse.Namespace) -> tuple[Path, Path]:
+    """Where `calm eval` writes its metrics and per-example predictions: `--output-dir`, by default `eval/`
+    inside the composition's directory; the files are named after the data file."""
+    local = Path(args.composition).is_dir()
+    if not local:
+        check_model_path(args.composition, "--composition", base=False)
+    directory = args.output_dir
+    if directory is None:
+        if not local:
+            raise UserError(f"--output-dir is needed: --composition {args.composition} is not a local directory, "
+                            "so there is no default place for the metrics and predictions")
+        directory = Path(args.composition) / "eval"
+    directory.mkdir(parents=True, exist_ok=True)  # now: an unwritable place fails before any model loads
+    stem = Path(args.data).name.removesuffix(".jsonl")
+    return directory / f"{stem}.metrics.json", directory / f"{stem}.predictions.jsonl"
+
+
 def cmd_eval(args: argparse.Namespace) -> None:
-    from .eval import evaluate_file
+    from .eval import evaluate_with_predictions
 
     examples = load_examples(args.data)  # bad data fails here, before any model is loaded
-    model = load_composition(args)
-    tokenizer = composition_tokenizer(model, args)
-    metrics = evaluate_file(model, tokenizer, examples, max_new_tokens=args.max_new_tokens,
-                            batch_size=args.batch_size, augment_mode=args.augment_mode, match=args.exact_match_mode)
+    metrics_path, predictions_path = eval_output_paths(args)
+    model, tokenizer = load_placed_composition(args)
+    metrics, predictions = evaluate_with_predictions(model, tokenizer, examples, max_new_tokens=args.max_new_tokens,
+                                                     batch_size=args.batch_size, augment_mode=args.augment_mode,
+                                                     match=args.exact_match_mode)
+    metrics_path.write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+    predictions_path.write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions),
+                                encoding="utf-8")
     print(json.dumps(metrics, indent=2))
+    print(f"calm: wrote {metrics_path} and {predictions_path}", file=sys.stderr)
 
 
 def cmd_train(args: argparse.Namespace) -> TrainResult:
-    """Check options and data first (cheap, and before any model is loaded), then load and compose the base
-    models and train the composition."""
+    """`run_train`, then a summary: where the composition is, its final metrics, and the time it took."""
+    start = time.monotonic()
+    result = run_train(args)
+    if is_main_process():
+        print(train_summary(result, time.monotonic() - start, args.eval_data))
+    return result
+
+
+def run_train(args: argparse.Namespace) -> TrainResult:
+    """Check everything that is cheap to check first (options, the run directory, data, tokenizers, the bases'
+    configs and the composition they make), then load the base models and train the composition."""
     config = train_config_from_args(args)
+    run_dir = Path(config.output_dir)
+    resume_from = check_run_dir(run_dir, run_dir / CHECKPOINTS_DIR, config)
     train_examples = load_examples(args.train_data)
     eval_examples: ExampleSet | None = load_examples(args.eval_data) if args.eval_data else None
     tokenizer_name = args.tokenizer or args.anchor
-    tokenizer = load_tokenizer(tokenizer_name)
+    tokenizer = load_tokenizer(tokenizer_name, "--tokenizer" if args.tokenizer else "--anchor")
+    configs = base_configs(args)
+    tokenizers = prepare_composition(args, tokenizer, configs)
     # The models' configs (no weights yet) say how long examples may be and which token ids exist.
-    max_length, vocab_size = data_limits(config, [load_base_config(name, args)
-                                                  for name in (args.anchor, *args.augment)])
+    max_length, vocab_size = data_limits(config, configs)
     train_set = prepare_dataset(train_examples, tokenizer, config, max_length, vocab_size)
     eval_set = (prepare_dataset(eval_examples, tokenizer, config, max_length, vocab_size)
                 if eval_examples is not None else None)
+    if is_main_process():
+        print(f"calm: training into {run_dir}" + (f", resuming {describe_checkpoint(resume_from)}"
+                                                  if resume_from is not None else ""), file=sys.stderr)
     set_seed(config.seed)  # the composition's initial weights follow the seed too
-    model = compose_from_args(args, tokenizer)
+    model = compose_from_args(args, tokenizers)
     run_info = {
         "model": {"anchor": args.anchor, "augments": list(args.augment), "tokenizer": tokenizer_name,
                   **({"augment_tokenizer": list(args.augment_tokenizer)} if args.augment_tokenizer else {}),
@@ -385,12 +618,48 @@ def cmd_train(args: argparse.Namespace) -> TrainResult:
     return train(model, tokenizer, train_set, eval_set, config, run_info=run_info)
 
 
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def describe_checkpoint(checkpoint: Path) -> str:
+    """'checkpoint-N (step N of M, epoch E)', from the checkpoint's trainer state."""
+    from transformers import TrainerState
+
+    state = TrainerState.load_from_json(str(checkpoint / TRAINER_STATE_FILE))
+    of = f" of {state.max_steps}" if state.max_steps else ""
+    return f"{checkpoint} (step {state.global_step}{of}, epoch {state.epoch or 0:.2f})"
+
+
+def train_summary(result: TrainResult, seconds: float, eval_data: Sequence[str] | None = None) -> str:
+    """What `calm train` prints when it ends: where the composition is, its final metrics, and the time taken."""
+    lines = [f"calm: trained {result.global_step} steps in {_duration(seconds)} "
+             f"(training itself {_duration(result.runtime_seconds)})",
+             f"  composition: {result.output_dir}",
+             f"  train_loss: {result.train_loss:.4f}"]
+    lines += [f"  {name}: {value:.4f}" for name, value in result.eval_metrics.items()
+              if name in ("eval_loss", "eval_exact_match")]
+    if result.resumed_from:
+        lines.append(f"  resumed from: {result.resumed_from}")
+    if result.skipped_steps:
+        lines.append(f"  skipped steps (NaN/inf): {result.skipped_steps}")
+    data = eval_data[0] if eval_data else "EVAL.jsonl"
+    lines.append(f"  evaluate it: calm eval --composition {result.output_dir} --data {data}")
+    return "\n".join(lines)
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h {minutes:02d}m {secs:02d}s" if hours else f"{minutes}m {secs:02d}s" if minutes else f"{secs}s"
+
+
 def train_main(argv: Sequence[str] | None = None) -> TrainResult:
     """`python -m calm.train ...` (also under `torchrun -m calm.train ...`): the flags of `calm train`; errors
     raise (with their traceback), and the main process prints the result as one JSON line."""
     args = apply_config_file(build_parser(), ["train", *(sys.argv[1:] if argv is None else argv)])
-    result = cmd_train(args)
-    if int(os.environ.get("RANK", "0")) == 0:
+    result = run_train(args)
+    if is_main_process():
         print(json.dumps({"output_dir": str(result.output_dir), "global_step": result.global_step,
                           "train_loss": result.train_loss, **result.eval_metrics}))
     return result
@@ -412,12 +681,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
             chat_template = Path(args.chat_template).read_text()
         except (OSError, UnicodeDecodeError) as e:
             raise UserError(f"cannot read --chat-template {args.chat_template}: {e}") from None
-    model = load_composition(args)
-    if args.device != "cpu":
-        import torch
-
-        model.to(args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
-    engine = serve.Engine(model, composition_tokenizer(model, args), max_batch_size=args.max_batch_size,
+    model, tokenizer = load_placed_composition(args)
+    engine = serve.Engine(model, tokenizer, max_batch_size=args.max_batch_size,
                           batch_window=args.batch_window_ms / 1000, chat_template=chat_template,
                           augment_mode=args.augment_mode)
     name = args.model_name or Path(args.composition).resolve().name
@@ -467,20 +732,34 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--save", default=None, help="also save the untrained composition here")
 
     for name, handler, help in [("generate", cmd_generate, "generate text with a trained composition"),
-                                ("eval", cmd_eval, "exact match and loss of a composition on JSONL data")]:
+                                ("eval", cmd_eval, "exact match and loss of a composition on JSONL data, and "
+                                                   "its predictions")]:
         sub = command(name, handler, help)
         sub.add_argument("--composition", required=True, help="directory written by save_pretrained / calm train")
         add_base_arguments(sub, required=False)
+        add_device_arguments(sub)
         sub.add_argument("--augment-mode", default=None, choices=["iterative", "prompt"])
         sub.add_argument("--max-new-tokens", type=_positive_int, default=64)
         if name == "generate":
-            sub.add_argument("--prompt", default=None, help="prompt text (default: read prompts interactively)")
+            which = sub.add_mutually_exclusive_group()
+            which.add_argument("--prompt", default=None, help="prompt text (default: read prompts interactively)")
+            which.add_argument("--prompts-file", type=Path, default=None,
+                               help="complete every prompt of a file, in batches: JSONL records with a 'prompt' "
+                                    "(a .jsonl file), else one prompt per line")
+            sub.add_argument("--batch-size", type=_positive_int, default=8, help="prompts generated together")
+            sub.add_argument("--output", type=Path, default=None,
+                             help="write --prompts-file's completions here, one JSON line per prompt (default: "
+                                  "stdout)")
             sub.add_argument("--temperature", type=_bounded(float, 0.0), default=0.0, help="0 means greedy")
             sub.add_argument("--top-k", type=_bounded(int, 0), default=50, help="0: no top-k filtering")
             sub.add_argument("--top-p", type=_bounded(float, 0.0, 1.0, low_open=True), default=1.0)
         else:
-            sub.add_argument("--data", required=True, type=Path, help="JSONL of {prompt, completion}")
+            sub.add_argument("--data", required=True, type=Path,
+                             help="JSONL of {prompt, completion}, {text} or {messages} records")
             sub.add_argument("--batch-size", type=_positive_int, default=32)
+            sub.add_argument("--output-dir", type=Path, default=None,
+                             help="where DATA.metrics.json and DATA.predictions.jsonl (one line per example) go "
+                                  "(default: eval/ in the composition's directory)")
             sub.add_argument("--exact-match-mode", default="stripped", choices=MATCH_MODES,
                              help="what counts as exact (calm.eval.is_exact_match): stripped (the default): equal "
                                   "once whitespace at the ends is stripped; exact: the completion, character for "
@@ -492,7 +771,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     sub.add_argument("--port", type=_bounded(int, 1, 65535), default=8000)
     sub.add_argument("--model-name", default=None, help="the model id clients send (default: the directory's name)")
-    sub.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
+    add_device_arguments(sub)
     sub.add_argument("--augment-mode", default=None, choices=["iterative", "prompt"])
     sub.add_argument("--chat-template", default=None, help="Jinja chat template file (default: the tokenizer's)")
     sub.add_argument("--max-batch-size", type=_positive_int, default=32, help="most sequences decoded together")

@@ -1,15 +1,20 @@
-"""Training data for compositions: prompt/completion pairs or plain text, tokenised with the anchor's
+"""Training data for compositions: prompt/completion pairs, plain text or chats, tokenised with the anchor's
 tokenizer.
 
-Two record formats, one per dataset (JSONL file, `datasets.Dataset` or list of dicts):
+Three record formats, one per dataset (JSONL file, `datasets.Dataset` or list of dicts):
 
     {"prompt": "abc+de=", "completion": "17"}    loss on the completion (and its EOS) only
     {"text": "any document"}                     loss on every token
+    {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}
+                                                 rendered with the tokenizer's chat template; loss on the
+                                                 assistant turns (each with its end-of-turn tokens) only
 
 Tokenisation follows the usual causal-LM recipe: the prompt is encoded with the tokenizer's special tokens
 (its BOS, when it has one), the completion without, then EOS is appended. Completions are encoded on their
 own, exactly as the prompt is encoded at generation time, so exact-match evaluation sees the training prefix.
-Batches are padded per batch, to the longest example in it (right padding for training).
+A chat is rendered once; the text before each assistant turn (up to and including the template's generation
+prompt) and each turn itself are encoded on their own in the same way, with no special tokens added (the
+template writes them). Batches are padded per batch, to the longest example in it (right padding for training).
 """
 
 from __future__ import annotations
@@ -29,10 +34,11 @@ from transformers import PreTrainedTokenizerBase
 
 PROMPT_COMPLETION = "prompt_completion"
 TEXT = "text"
+CHAT = "chat"
 LOSS_ON = ("auto", "completion", "all")
 IGNORE_INDEX = -100  # labels the loss skips (transformers' convention)
 
-_KEYS = {PROMPT_COMPLETION: ("prompt", "completion"), TEXT: ("text",)}
+_KEYS = {PROMPT_COMPLETION: ("prompt", "completion"), TEXT: ("text",), CHAT: ("messages",)}
 
 
 class DataError(ValueError):
@@ -47,8 +53,8 @@ class TruncationWarning(UserWarning):
 class ExampleSet:
     """Validated raw examples, all of one format, and where they came from (for messages)."""
 
-    examples: list[dict[str, str]]
-    format: str  # PROMPT_COMPLETION or TEXT
+    examples: list[dict[str, Any]]
+    format: str  # PROMPT_COMPLETION, TEXT or CHAT
     source: str
     locations: list[str] = field(default_factory=list)  # per example: "file:line" or "examples row i"
 
@@ -115,8 +121,32 @@ def _read_jsonl(path: Path) -> Iterable[tuple[str, Any]]:
                 raise DataError(f"{where}: malformed JSON: {e.msg} (column {e.colno})") from None
 
 
+def load_prompts(path: str | os.PathLike) -> list[str]:
+    """Prompts to complete, from a file: JSONL records with a non-empty string "prompt" (a `.jsonl` file), else one
+    prompt per non-blank line. Raises `DataError` naming the line of a bad record, and for a file with none."""
+    path = Path(path)
+    if path.suffix == ".jsonl":
+        prompts = []
+        for where, record in _read_jsonl(path):
+            prompt = record.get("prompt") if isinstance(record, Mapping) else None
+            if not isinstance(prompt, str) or not prompt:
+                raise DataError(f"{where}: expected an object with a non-empty string 'prompt'")
+            prompts.append(prompt)
+    else:
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such prompts file")
+        try:
+            text = path.read_text(encoding="utf-8-sig")
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}: not valid UTF-8 (byte {e.start}: {e.reason})") from None
+        prompts = [line for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise DataError(f"{path}: no prompts (the file is empty)")
+    return prompts
+
+
 def _check_all(records: Iterable[tuple[str, Any]], source: str) -> ExampleSet:
-    examples: list[dict[str, str]] = []
+    examples: list[dict[str, Any]] = []
     locations: list[str] = []
     first_format, first_where = None, ""
     for where, record in records:
@@ -138,24 +168,46 @@ def _record_format(record: Any, where: str) -> str:
     if not isinstance(record, Mapping):
         raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
     has_pair = "prompt" in record or "completion" in record
-    if has_pair and "text" in record:
-        raise DataError(f"{where}: has both 'text' and 'prompt'/'completion': use one format")
-    if not has_pair and "text" not in record:
-        raise DataError(f"{where}: expected keys 'prompt' and 'completion', or 'text'; got {sorted(record)}")
+    found = [name for name, present in (("'text'", "text" in record), ("'prompt'/'completion'", has_pair),
+                                        ("'messages'", "messages" in record)) if present]
+    if len(found) > 1:
+        raise DataError(f"{where}: has both {found[0]} and {found[1]}: use one format")
+    if not found:
+        raise DataError(f"{where}: expected keys 'prompt' and 'completion', 'text', or 'messages'; "
+                        f"got {sorted(record)}")
+    if "messages" in record:
+        _check_messages(record["messages"], where)
+        return CHAT
     fmt = PROMPT_COMPLETION if has_pair else TEXT
     for key in _KEYS[fmt]:
         if key not in record:
             raise DataError(f"{where}: missing key {key!r} (a prompt/completion record needs both)")
-        value = record[key]
-        if not isinstance(value, str):
-            raise DataError(f"{where}: {key!r} must be a string, got {type(value).__name__}")
-        if not value:
-            raise DataError(f"{where}: {key!r} is an empty string")
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError as e:  # e.g. an unpaired "\ud800" escape in the JSON
-            raise DataError(f"{where}: {key!r} is not valid Unicode (character {e.start}: {e.reason})") from None
+        _check_string(record[key], f"{where}: {key!r}")
     return fmt
+
+
+def _check_string(value: Any, what: str, empty: bool = False) -> None:
+    if not isinstance(value, str):
+        raise DataError(f"{what} must be a string, got {type(value).__name__}")
+    if not value and not empty:
+        raise DataError(f"{what} is an empty string")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:  # e.g. an unpaired "\ud800" escape in the JSON
+        raise DataError(f"{what} is not valid Unicode (character {e.start}: {e.reason})") from None
+
+
+def _check_messages(messages: Any, where: str) -> None:
+    """A chat: a non-empty list of {"role", "content"} objects with at least one assistant turn to learn."""
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f"{where}: 'messages' must be a non-empty list of {{'role', 'content'}} objects")
+    for i, message in enumerate(messages):
+        if not isinstance(message, Mapping) or "role" not in message or "content" not in message:
+            raise DataError(f"{where}: messages[{i}] must be an object with 'role' and 'content', got {message!r:.80}")
+        _check_string(message["role"], f"{where}: messages[{i}].role")
+        _check_string(message["content"], f"{where}: messages[{i}].content", empty=message["role"] != "assistant")
+    if not any(message["role"] == "assistant" for message in messages):
+        raise DataError(f"{where}: no 'assistant' message: a chat needs an assistant turn to learn from")
 
 
 # ------------------------------------------------------------------------------------------ tokenising
@@ -195,11 +247,12 @@ class TokenizedDataset(torch.utils.data.Dataset):
 
 
 def resolve_loss_on(loss_on: str, fmt: str) -> str:
-    """'completion' or 'all' for this data format ('auto': completion-only for prompt/completion data)."""
+    """'completion' or 'all' for this data format ('auto': the completion of prompt/completion data, the assistant
+    turns of chats, every token of text)."""
     if loss_on not in LOSS_ON:
         raise ValueError(f"loss_on={loss_on!r} is invalid: expected one of {LOSS_ON}")
     if loss_on == "auto":
-        return "completion" if fmt == PROMPT_COMPLETION else "all"
+        return "all" if fmt == TEXT else "completion"
     if loss_on == "completion" and fmt == TEXT:
         raise DataError("loss_on='completion' needs prompt/completion data, but this dataset is plain 'text'")
     return loss_on
@@ -215,18 +268,12 @@ def tokenize(data: DataSource, tokenizer: PreTrainedTokenizerBase, max_length: i
     examples = load_examples(data)
     loss_on = resolve_loss_on(loss_on, examples.format)
     eos = [tokenizer.eos_token_id] if append_eos and tokenizer.eos_token_id is not None else []
-    if examples.format == PROMPT_COMPLETION:
-        prompts = _encode(tokenizer, [e["prompt"] for e in examples.examples], special=True)
-        targets = _encode(tokenizer, [e["completion"] for e in examples.examples], special=False)
-    else:
-        targets = _encode(tokenizer, [e["text"] for e in examples.examples], special=True)
-        prompts = [[] for _ in targets]
+    encoded = (_encode_chats(tokenizer, examples, loss_on) if examples.format == CHAT
+               else _encode_pairs(tokenizer, examples, loss_on, eos))
     if strict_length:
-        _refuse_long_examples(examples, [len(p) + len(t) + len(eos) for p, t in zip(prompts, targets)], max_length)
+        _refuse_long_examples(examples, [len(ids) for ids, _, _ in encoded], max_length)
     rows, truncated, dropped = [], 0, 0
-    for index, (prompt, target) in enumerate(zip(prompts, targets)):
-        input_ids = prompt + target + eos
-        labels = ([IGNORE_INDEX] * len(prompt) if loss_on == "completion" else prompt) + target + eos
+    for index, (input_ids, labels, augment_length) in enumerate(encoded):
         if len(input_ids) > max_length:
             truncated += 1
             input_ids, labels = input_ids[:max_length], labels[:max_length]
@@ -234,10 +281,7 @@ def tokenize(data: DataSource, tokenizer: PreTrainedTokenizerBase, max_length: i
         if all(label == IGNORE_INDEX for label in labels[1:]):
             dropped += 1
             continue
-        # In "prompt" augment mode the augments read only the prompt; plain text counts as all prompt.
-        is_pair = examples.format == PROMPT_COMPLETION
-        augment_length = min(len(prompt), max_length) if is_pair else len(input_ids)
-        rows.append({"input_ids": input_ids, "labels": labels, "augment_length": augment_length,
+        rows.append({"input_ids": input_ids, "labels": labels, "augment_length": min(augment_length, len(input_ids)),
                      "index": len(rows), "source_index": index})
     if truncated:
         cut = f"; {dropped} had no target token left and were dropped" if dropped else ""
@@ -253,6 +297,73 @@ def tokenize(data: DataSource, tokenizer: PreTrainedTokenizerBase, max_length: i
 
 def _encode(tokenizer: PreTrainedTokenizerBase, texts: list[str], special: bool) -> list[list[int]]:
     return tokenizer(texts, add_special_tokens=special)["input_ids"]
+
+
+Encoded = tuple[list[int], list[int], int]  # input_ids, labels, augment_length (what "prompt" mode's augments read)
+
+
+def _encode_pairs(tokenizer: PreTrainedTokenizerBase, examples: ExampleSet, loss_on: str,
+                  eos: list[int]) -> list[Encoded]:
+    """Prompt/completion or text examples; plain text counts as all prompt for the augments."""
+    if examples.format == PROMPT_COMPLETION:
+        prompts = _encode(tokenizer, [e["prompt"] for e in examples.examples], special=True)
+        targets = _encode(tokenizer, [e["completion"] for e in examples.examples], special=False)
+    else:
+        targets = _encode(tokenizer, [e["text"] for e in examples.examples], special=True)
+        prompts = [[] for _ in targets]
+    encoded = []
+    for prompt, target in zip(prompts, targets):
+        labels = ([IGNORE_INDEX] * len(prompt) if loss_on == "completion" else prompt) + target + eos
+        is_pair = examples.format == PROMPT_COMPLETION
+        encoded.append((prompt + target + eos, labels, len(prompt) if is_pair else len(labels)))
+    return encoded
+
+
+def _encode_chats(tokenizer: PreTrainedTokenizerBase, examples: ExampleSet, loss_on: str) -> list[Encoded]:
+    """Chats through the tokenizer's chat template; the augments' "prompt" is everything before the first
+    assistant turn."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError(f"{examples.source}: chat ('messages') data needs a tokenizer with a chat template, and "
+                        f"{getattr(tokenizer, 'name_or_path', '') or 'this tokenizer'} has none (set "
+                        "tokenizer.chat_template, or use prompt/completion data)")
+    encoded = []
+    for index, example in enumerate(examples.examples):
+        ids, labels, first_turn = [], [], None
+        for text, is_turn in _chat_segments(tokenizer, example["messages"], examples.where(index)):
+            piece = _encode(tokenizer, [text], special=False)[0]
+            if is_turn and first_turn is None:
+                first_turn = len(ids)
+            ids += piece
+            labels += piece if is_turn or loss_on == "all" else [IGNORE_INDEX] * len(piece)
+        encoded.append((ids, labels, len(ids) if first_turn is None else first_turn))
+    return encoded
+
+
+def _chat_segments(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, Any]],
+                   where: str) -> list[tuple[str, bool]]:
+    """The rendered chat cut into (text, is an assistant turn) pieces. A turn spans from the end of the text the
+    template renders for the chat before it with the generation prompt, to the end of the chat rendered through
+    it: the turn's content and its end-of-turn tokens."""
+    def render(upto: int, generation_prompt: bool) -> str:
+        try:
+            return tokenizer.apply_chat_template(messages[:upto], tokenize=False,
+                                                 add_generation_prompt=generation_prompt)
+        except Exception as e:  # a template's own error (jinja raise_exception), e.g. roles out of order
+            raise DataError(f"{where}: the chat template cannot render this chat: {e}") from None
+
+    full = render(len(messages), False)
+    segments, done = [], 0
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before, through = render(i, True), render(i + 1, False)
+        if not (done <= len(before) <= len(through) and full.startswith(before) and full.startswith(through)):
+            raise DataError(f"{where}: the chat template does not render this chat's turns one after another "
+                            f"(messages[{i}]): the assistant turns cannot be told apart")
+        segments += [(full[done:len(before)], False), (full[len(before):len(through)], True)]
+        done = len(through)
+    segments.append((full[done:], False))
+    return [(text, is_turn) for text, is_turn in segments if text]
 
 
 def _refuse_long_examples(examples: ExampleSet, lengths: list[int], max_length: int) -> None:

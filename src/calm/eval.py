@@ -54,21 +54,30 @@ def _check_match(match: str) -> None:
 
 
 @torch.no_grad()
-def greedy_decode(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int, batch_size: int = 32,
-                  progress: bool = False, desc: str = "generate", **generate_kwargs: Any) -> list[Completion]:
-    """Greedy `Completion` of each prompt, encoded exactly like training prompts and batched with left padding."""
+def generate_completions(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int,
+                         batch_size: int = 32, progress: bool = False, desc: str = "generate",
+                         **generate_kwargs: Any) -> list[Completion]:
+    """The `Completion` of each prompt, encoded exactly like training prompts and batched with left padding;
+    `generate_kwargs` go to `model.generate` (e.g. `do_sample=True, temperature=0.7`)."""
     device = getattr(model, "device", "cpu")
     eos = tokenizer.eos_token_id
     completions: list[Completion] = []
     for start in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=not progress, leave=False):
         batch = {k: v.to(device) for k, v in encode_prompts(tokenizer, prompts[start:start + batch_size]).items()}
-        out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                             pad_token_id=pad_token_id(tokenizer), eos_token_id=eos, **generate_kwargs)
+        out = model.generate(**batch, max_new_tokens=max_new_tokens, pad_token_id=pad_token_id(tokenizer),
+                             eos_token_id=eos, **generate_kwargs)
         for ids in out[:, batch["input_ids"].shape[1]:].tolist():
             ended = eos in ids
             text = tokenizer.decode(ids[: ids.index(eos)] if ended else ids, skip_special_tokens=True)
             completions.append(Completion(text, ended))
     return completions
+
+
+def greedy_decode(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int, batch_size: int = 32,
+                  progress: bool = False, desc: str = "generate", **generate_kwargs: Any) -> list[Completion]:
+    """Greedy `Completion` of each prompt (`generate_completions` without sampling or beams)."""
+    return generate_completions(model, tokenizer, prompts, max_new_tokens, batch_size, progress, desc,
+                                do_sample=False, num_beams=1, **generate_kwargs)
 
 
 def greedy_completions(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int,
@@ -101,15 +110,24 @@ def exact_match(model: Any, tokenizer: Any, examples: Sequence[dict], max_new_to
     return hits / len(examples)
 
 
-@torch.no_grad()
 def mean_loss(model: Any, tokenizer: Any, examples: Any, batch_size: int = 32, max_length: int = 2048,
               **forward_kwargs: Any) -> float:
-    """Token-weighted mean loss (on completions for prompt/completion data, else on all tokens). Examples are
-    cut to `max_length` and to the model's context; token ids outside its vocabulary are a `DataError`.
+    """Token-weighted mean loss (on completions for prompt/completion data, assistant turns for chat data, else on
+    all tokens). Examples are cut to `max_length` and to the model's context; token ids outside its vocabulary
+    are a `DataError`.
 
     A composition in "prompt" augment mode (its config's, or `augment_mode="prompt"` in `forward_kwargs`) is
     scored as it is trained: the augments read each example's prompt only (`augment_length`), never the
     completion whose loss is measured."""
+    scored = [s for s in example_losses(model, tokenizer, examples, batch_size, max_length, **forward_kwargs) if s]
+    return sum(total for total, _ in scored) / max(sum(count for _, count in scored), 1)
+
+
+@torch.no_grad()
+def example_losses(model: Any, tokenizer: Any, examples: Any, batch_size: int = 32, max_length: int = 2048,
+                   **forward_kwargs: Any) -> list[tuple[float, int] | None]:
+    """Per example (in the dataset's order): (summed loss, number of target tokens), or None for an example left
+    without a target token once cut to `max_length`. `mean_loss` says how examples are scored."""
     configs = model_configs(model)
     context = context_length(configs)
     dataset = tokenize(examples, tokenizer, max_length if context is None else min(max_length, context))
@@ -120,18 +138,21 @@ def mean_loss(model: Any, tokenizer: Any, examples: Any, batch_size: int = 32, m
     device = getattr(model, "device", "cpu")
     prompt_mode = _augment_mode(model, forward_kwargs.get("augment_mode")) == "prompt" and \
         "augment_length" not in forward_kwargs
-    total, count = 0.0, 0
+    scores: list[tuple[float, int] | None] = [None] * len(dataset.examples)
     for start in range(0, len(dataset), batch_size):
-        batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+        rows = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+        batch = collate(rows)
         labels = batch["labels"].to(device)
         extra = {"augment_length": batch["augment_length"].to(device)} if prompt_mode else {}
         logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
                        **extra, **forward_kwargs).logits
-        losses = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
-                                                   ignore_index=-100, reduction="sum")
-        total += float(losses)
-        count += int((labels[:, 1:] != -100).sum())
-    return total / max(count, 1)
+        targets = labels[:, 1:]
+        losses = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2).float(), targets,
+                                                   ignore_index=-100, reduction="none").sum(dim=1)
+        counts = (targets != -100).sum(dim=1)
+        for row, loss, count in zip(rows, losses.tolist(), counts.tolist()):
+            scores[row["source_index"]] = (loss, count)
+    return scores
 
 
 def _augment_mode(model: Any, augment_mode: str | None) -> str | None:
@@ -144,12 +165,29 @@ def evaluate_file(model: Any, tokenizer: Any, data: Any, max_new_tokens: int = 6
                   augment_mode: str | None = None, match: str = "stripped") -> dict[str, float]:
     """Loss and, for prompt/completion data, exact match (`is_exact_match` in mode `match`) of greedy completions
     on a JSONL file or dataset."""
+    return evaluate_with_predictions(model, tokenizer, data, max_new_tokens, batch_size, augment_mode, match)[0]
+
+
+def evaluate_with_predictions(model: Any, tokenizer: Any, data: Any, max_new_tokens: int = 64,
+                              batch_size: int = 32, augment_mode: str | None = None,
+                              match: str = "stripped") -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """`evaluate_file`'s metrics, and one record per example: its index and fields, its mean token `loss` (None
+    when it has no target token left), and for prompt/completion data the greedy `generated` text, whether the
+    model `ended` it with EOS, and whether it is an `exact_match`."""
     _check_match(match)
     examples = load_examples(data)
     mode = {} if augment_mode is None else {"augment_mode": augment_mode}
-    loss = mean_loss(model, tokenizer, examples, batch_size, **mode)
-    metrics: dict[str, float] = {"examples": len(examples), "loss": loss}
+    scores = example_losses(model, tokenizer, examples, batch_size, **mode)
+    scored = [s for s in scores if s]
+    metrics: dict[str, float] = {"examples": len(examples),
+                                 "loss": sum(t for t, _ in scored) / max(sum(n for _, n in scored), 1)}
+    records = [{"index": i, **example, "loss": score[0] / score[1] if score and score[1] else None}
+               for i, (example, score) in enumerate(zip(examples.examples, scores))]
     if examples.format == PROMPT_COMPLETION:
-        metrics["exact_match"] = exact_match(model, tokenizer, examples.examples, max_new_tokens, batch_size,
-                                             match=match, **mode)
-    return metrics
+        got = greedy_decode(model, tokenizer, [e["prompt"] for e in examples.examples], max_new_tokens, batch_size,
+                            **mode)
+        for record, example, completion in zip(records, examples.examples, got):
+            hit = is_exact_match(completion.text, example["completion"], match, completion.ended)
+            record.update(generated=completion.text, ended=completion.ended, exact_match=hit)
+        metrics["exact_match"] = sum(r["exact_match"] for r in records) / len(records)
+    return metrics, records

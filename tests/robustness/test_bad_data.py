@@ -25,7 +25,7 @@ BAD_FILES = [
     ("bare_string", GOOD + '"just text"\n', r":2: expected a JSON object, got str"),
     ("null_record", "null\n", r":1: expected a JSON object, got NoneType"),
     ("missing_prompt", '{"completion": "2"}\n', r":1: missing key 'prompt'"),
-    ("no_known_keys", GOOD + "{}\n", r":2: expected keys 'prompt' and 'completion', or 'text'; got \[\]"),
+    ("no_known_keys", GOOD + "{}\n", r":2: expected keys 'prompt' and 'completion', 'text', or 'messages'; got \[\]"),
     ("empty_prompt", '{"prompt": "", "completion": "2"}\n', r":1: 'prompt' is an empty string"),
     ("null_completion", '{"prompt": "a", "completion": null}\n', r":1: 'completion' must be a string, got NoneType"),
     ("nan_prompt", '{"prompt": NaN, "completion": "2"}\n', r":1: 'prompt' must be a string, got float"),
@@ -188,8 +188,9 @@ def test_a_padding_id_outside_the_vocabulary_is_refused(tmp_path):
 
 def test_calm_train_checks_the_vocabulary_before_loading_models(tmp_path, no_model_loading):
     assets = make_assets(tmp_path / "assets", num_examples=2)
-    config = json.loads((assets["anchor"] / "config.json").read_text())
-    (assets["anchor"] / "config.json").write_text(json.dumps({**config, "vocab_size": 15}))  # no '=' (id 19)
+    for base in ("anchor", "augment"):  # models that share a tokenizer, which has more tokens than they know
+        config = json.loads((assets[base] / "config.json").read_text())
+        (assets[base] / "config.json").write_text(json.dumps({**config, "vocab_size": 15}))  # no '=' (id 19)
     with pytest.raises(DataError, match=r"train\.jsonl:1: token id \d+ is outside the model's vocabulary "
                                         r"\(vocab_size=15\)"):
         train_main(train_flags(assets, tmp_path, "--train-data", str(assets["train"])))

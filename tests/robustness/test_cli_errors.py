@@ -95,7 +95,7 @@ def corrupted_composition(assets: dict, tmp_path: Path) -> str:
 
 # Refused when the command runs: exit 2, the last stderr line is the one-line error, no traceback.
 RUNTIME_ERRORS = [
-    (["compose", "--anchor", "{tmp}/nowhere", "--augment", "{augment}"], "cannot load model"),
+    (["compose", "--anchor", "{tmp}/nowhere", "--augment", "{augment}"], "nowhere: no such file or directory"),
     (["compose", *BASES, "--num-connections", "0"], "num_connections=0 is invalid: expected an integer in [1, 2]"),
     (["compose", *BASES, "--connections", "0:9"], "connections[0] anchor layer 9 is out of range"),
     (["compose", *BASES, "--every", "0"], "every=0 is invalid"),
@@ -114,12 +114,16 @@ RUNTIME_ERRORS = [
     (["train", *TRAIN, "--batch-size", "-1"], "TrainConfig.batch_size=-1 is invalid"),
     (["train", *TRAIN, "--config", lambda t: write(t, "c.yaml", "precision: bfloat16\n")],
      "--precision='bfloat16' is invalid: expected one of auto, fp32, bf16, fp16"),
-    (["eval", "--composition", "{tmp}/nowhere", "--data", "{train}"], "calm_config.json not found"),
+    (["eval", "--composition", "{tmp}/nowhere", "--data", "{train}"], "nowhere: no such file or directory"),
+    (["eval", "--composition", "{tmp}", "--data", "{train}"], "calm_config.json not found"),
     (["eval", "--composition", corrupted_composition, "--data", "{train}"], "is corrupted or truncated"),
     (["eval", *GEN, "--data", "{tmp}/missing.jsonl"], "missing.jsonl: no such data file"),
     (["eval", *GEN, "--data", lambda t: write(t, "bad.jsonl", b"\xff\n")], "bad.jsonl:1: not valid UTF-8"),
     (["generate", *GEN, "--prompt", ""], "--prompt is empty"),
-    (["generate", *GEN, "--prompt", "1+1=", "--anchor", "{tmp}/nowhere"], "cannot load model"),
+    (["generate", *GEN, "--prompt", "1+1=", "--anchor", "{tmp}/nowhere"], "nowhere: no such file or directory"),
+    (["generate", *GEN, "--prompts-file", lambda t: write(t, "p.jsonl", '{"text": "1+1="}\n')],
+     "p.jsonl:1: expected an object with a non-empty string 'prompt'"),
+    (["generate", *GEN, "--prompts-file", lambda t: write(t, "p.txt", "\n \n")], "p.txt: no prompts"),
 ]
 
 

@@ -21,7 +21,7 @@ The command line (`calm train`, `python -m calm.train`) is in `calm.cli`.
 """
 
 from .augment_cache import AugmentStateCache
-from .checkpoints import STAGING_PREFIX, CheckpointError, check_checkpoint, latest_checkpoint
+from .checkpoints import STAGING_PREFIX, CheckpointError, check_checkpoint, check_run_dir, latest_checkpoint
 from .metrics import METRICS_FILE, PLOT_FILE, plot_loss, read_metrics
 from .nan_guard import NonFiniteLossError
 from .options import TrainConfig, TrainResult
@@ -41,6 +41,7 @@ __all__ = [
     "TrainConfig",
     "TrainResult",
     "check_checkpoint",
+    "check_run_dir",
     "data_limits",
     "latest_checkpoint",
     "plot_loss",

@@ -26,6 +26,8 @@ logger = logging.get_logger(__name__)
 STAGING_PREFIX = ".staging-"  # never matches `checkpoint-*`, so the Trainer's rotation ignores it
 DATA_STATE_FILE = "data_state.json"
 TRAINER_STATE_FILE = "trainer_state.json"
+CONFIG_FILE = "train_config.json"  # the run record, written before training starts
+CHECKPOINTS_DIR = "checkpoints"
 NEVER_LOADED = ("training_args.bin",)  # pickles the Trainer writes but never reads back
 
 
@@ -148,19 +150,31 @@ def latest_checkpoint(checkpoints_dir: str | os.PathLike) -> Path | None:
 
 
 
-def prepare_run_dir(run_dir: Path, checkpoints: Path, config: TrainConfig, is_main: bool) -> Path | None:
-    """Create the run directory, drop half-written checkpoints, and find the checkpoint to resume from."""
+def check_run_dir(run_dir: Path, checkpoints: Path, config: TrainConfig) -> Path | None:
+    """The checkpoint a run in `run_dir` resumes from (None: it starts from scratch). A directory that already
+    holds a run (its `train_config.json` or checkpoints) is refused unless `config.resume` or `config.overwrite`
+    says what to do with it. Reads files only, so it can run before any model is loaded."""
     found = latest_checkpoint(checkpoints)
-    if found is not None and not config.resume and not config.overwrite:
-        raise ValueError(f"{checkpoints} already holds checkpoints (latest {found.name}): pass resume=True "
-                         "(--resume) to continue that run, or overwrite=True (--overwrite) to start over")
+    if not config.resume and not config.overwrite:
+        if found is not None:
+            raise ValueError(f"{checkpoints} already holds checkpoints (latest {found.name}): pass resume=True "
+                             "(--resume) to continue that run, or overwrite=True (--overwrite) to start over")
+        if (run_dir / CONFIG_FILE).is_file():
+            raise ValueError(f"{run_dir} already holds a run ({CONFIG_FILE}): choose another output_dir "
+                             "(--output-dir), or pass overwrite=True (--overwrite) to replace it")
+    return found if config.resume else None
+
+
+def prepare_run_dir(run_dir: Path, checkpoints: Path, config: TrainConfig, is_main: bool) -> Path | None:
+    """Create the run directory, drop half-written checkpoints, and find the checkpoint to resume from
+    (`check_run_dir`)."""
+    resume_from = check_run_dir(run_dir, checkpoints, config)
     if is_main:
         if config.overwrite and not config.resume:
             shutil.rmtree(checkpoints, ignore_errors=True)
-            found = None
         checkpoints.mkdir(parents=True, exist_ok=True)
         for stale in checkpoints.glob(f"{STAGING_PREFIX}*"):  # a save that was interrupted
             shutil.rmtree(stale, ignore_errors=True)
-    if config.resume and found is None:
+    if config.resume and resume_from is None:
         logger.warning(f"resume=True but {checkpoints} holds no complete checkpoint: starting from scratch")
-    return found if config.resume else None
+    return resume_from

@@ -29,15 +29,20 @@ from ..data import (
 from ..formats import RUN_RECORD, format_tag
 from ..model import CALMForCausalLM
 from .augment_cache import AugmentStateCache, RefreshAugmentCache, new_augment_cache
-from .checkpoints import check_checkpoint, check_data_state, prepare_run_dir, write_text_atomically
+from .checkpoints import (
+    CHECKPOINTS_DIR,
+    CONFIG_FILE,
+    check_checkpoint,
+    check_data_state,
+    prepare_run_dir,
+    write_text_atomically,
+)
 from .metrics import METRICS_FILE, PLOT_FILE, EpochTimer, add_logging_callbacks, plot_loss
 from .options import TrainConfig, TrainResult, training_arguments
 from .trainer import CompositionTrainer
 
 logger = logging.get_logger(__name__)
 
-CONFIG_FILE = "train_config.json"
-CHECKPOINTS_DIR = "checkpoints"
 
 
 def train(model: nn.Module, tokenizer: PreTrainedTokenizerBase, train_data: DataSource,
