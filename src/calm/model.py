@@ -23,7 +23,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from .alignment import TokenizerAligner, same_tokenizer, tokenizer_fingerprint
 from .blocks import BaseInfo, base_info, decoder_blocks, next_input_norm
 from .cache import CALMCache
-from .config import AUGMENT_MODES, CALMConfig, resolve_connections, resolve_init
+from .config import AUGMENT_MODES, CALMConfig, composition_dtype_name, resolve_connections, resolve_init
 from .layers import CrossAttention
 from .placement import connection_devices, execution_device
 from .serialization import load_composition, save_composition
@@ -94,11 +94,12 @@ class CALMForCausalLM(PreTrainedModel, GenerationMixin):
         # execution device of an offloaded block); the layer moves what it reads there itself.
         devices = connection_devices(config.connections, [execution_device(b) for b in self._anchor_blocks],
                                      [[execution_device(b) for b in blocks] for blocks in self._augment_blocks])
+        dtype = getattr(torch, config.composition_dtype)
         self.composition = nn.ModuleList(
             nn.ModuleList(
                 CrossAttention(base_info(augment).width, anchor_info.width, config.num_heads, config.qk_norm,
                                config.init, config.rope_theta, config.augment_dropout, config.augment_norm is True,
-                               value_norm=config.value_norm).to(device=device, dtype=torch.float32)
+                               value_norm=config.value_norm).to(device=device, dtype=dtype)
                 for device in conn_devices
             )
             for augment, conn_devices in zip(augments, devices)
@@ -563,6 +564,7 @@ def compose(
     rope_theta: float | None = 10000.0,
     augment_dropout: float = 0.0,
     augment_norm: bool | str = True,
+    composition_dtype: torch.dtype | str = "float32",
     tokenizer: PreTrainedTokenizerBase | None = None,
     augment_tokenizer: PreTrainedTokenizerBase | None = None,
     augment_tokenizers: Sequence[PreTrainedTokenizerBase | None] | None = None,
@@ -578,6 +580,8 @@ def compose(
     read, `value_norm` what the values read (f_proj's output, through the keys' norm). `init="identity"` zeroes
     each output projection, so the composition starts as exactly the anchor; "random" keeps PyTorch's default
     init. `**calm.PAPER_LAYER` gives the paper's plain layer (no rotary positions, no norms, random init).
+    `composition_dtype` is the dtype of the composition layers' weights, whatever the bases' (float32 by default;
+    "auto": the anchor's, e.g. bfloat16 for fused attention kernels on GPUs).
 
     Place the bases first (`.to(device)`, or `device_map=...` when loading them): each connection is put on the
     device its anchor block computes on, and a placement that cannot work (a block never loaded, on "meta" with
@@ -615,7 +619,7 @@ def compose(
         connections=[[list(p) for p in r] for r in resolved], num_heads=heads, qk_norm=qk_norm,
         value_norm=value_norm, init=resolve_init(init),
         augment_mode=augment_mode, rope_theta=rope_theta, augment_dropout=augment_dropout,
-        augment_norm=augment_norm,
+        augment_norm=augment_norm, composition_dtype=composition_dtype_name(composition_dtype, anchor.dtype),
         anchor=_record(anchor_info, anchor, tokenizer),
         augments=[_record(info, a, tok) | {"shares_tokenizer": shared}
                   for info, a, tok, shared in zip(infos, augments, augment_tokenizers, shares)],
