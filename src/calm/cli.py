@@ -19,7 +19,7 @@ from typing import Any
 
 from transformers import set_seed
 
-from .config import DEPRECATED_INITS, INITS, OPTIONS, PRESETS
+from .config import COMPOSITION_DTYPES, DEPRECATED_INITS, INITS, OPTIONS, PRESETS
 from .data import ExampleSet, load_examples, load_prompts
 from .eval import MATCH_MODES
 from .formats import RUN_RECORD, read_version, upgrade_options
@@ -57,7 +57,7 @@ def add_base_arguments(parser: argparse.ArgumentParser, required: bool = True) -
                             "tokenizer differs from the anchor's reads the anchor's text through its own")
     group.add_argument("--dtype", default="auto", choices=DTYPES,
                        help="dtype of the frozen base models (auto: bfloat16 on GPUs that have it, else float32); "
-                            "composition layers stay float32")
+                            "the composition layers' is --composition-dtype")
     group.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from the hub")
 
 
@@ -109,6 +109,9 @@ def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
                             "name of random)")
     group.add_argument("--augment-mode", default="iterative", choices=["iterative", "prompt"],
                        help="augments read every token (iterative, the paper's default) or only the prompt")
+    group.add_argument("--composition-dtype", default="float32", choices=[*COMPOSITION_DTYPES, "auto"],
+                       help="dtype of the composition layers' weights (default: float32; auto: the anchor's, e.g. "
+                            "bfloat16 for fused attention kernels; float16 layers need a loss scaler to train)")
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -305,7 +308,8 @@ def _compose(args: argparse.Namespace, anchor: Any, augments: list, tokenizers: 
                             every=args.every, num_heads=args.num_heads, qk_norm=args.qk_norm,
                             value_norm=args.value_norm, init=args.init, augment_mode=args.augment_mode,
                             rope_theta=args.rope_theta, augment_dropout=args.augment_dropout,
-                            augment_norm=args.augment_norm, tokenizer=tokenizer,
+                            augment_norm=args.augment_norm, composition_dtype=args.composition_dtype,
+                            tokenizer=tokenizer,
                             augment_tokenizers=augment_tokenizers)
     except calm.model.TokenizerMismatchError as e:
         raise UserError(f"{e} (on the command line: --augment-tokenizer, once per --augment)") from None

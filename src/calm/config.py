@@ -6,6 +6,7 @@ import warnings
 from collections.abc import Sequence
 from typing import Any
 
+import torch
 from transformers import PretrainedConfig
 
 # "identity": a zero output projection, so the composition starts as exactly the anchor. "random": every projection
@@ -15,11 +16,13 @@ INITS = ("identity", "random")
 # say how its layers are initialised.
 DEPRECATED_INITS = {"paper": "random"}
 AUGMENT_MODES = ("iterative", "prompt")
+# The dtypes the composition layers can be kept in (torch's names). "auto" in `compose` picks the anchor's.
+COMPOSITION_DTYPES = ("float32", "bfloat16", "float16")
 # The options of a composition besides its connections and base models: what a saved composition, a training
 # run's record and `calm train --resume` each carry over. A new `CALMConfig` option goes here, or is lost, and
 # makes a new file format version (`calm.formats`).
 OPTIONS = ("num_heads", "qk_norm", "value_norm", "init", "augment_mode", "rope_theta", "augment_dropout",
-           "augment_norm")
+           "augment_norm", "composition_dtype")
 
 # The paper's plain cross-attention layer (arXiv 2401.02412, §3): f_proj a plain linear map of the augment's
 # states, then multi-head attention with no position encoding and no normalisation. The paper does not say how
@@ -132,7 +135,8 @@ class CALMConfig(PretrainedConfig):
 
     `connections[k]` lists the `(augment_block, anchor_block)` pairs of augmenting model k. `qk_norm`
     RMS-normalises what the queries and keys read (the anchor's states; f_proj's output), `value_norm` what the
-    values read (f_proj's output, through the keys' norm). `anchor` and `augments` record each base model's name
+    values read (f_proj's output, through the keys' norm). `composition_dtype` is the dtype of the composition
+    layers' weights (torch's name), whatever the bases' dtypes. `anchor` and `augments` record each base model's name
     or path, layer count, width and vocabulary size so a saved composition can find its bases again and refuse
     the wrong ones.
     """
@@ -150,6 +154,7 @@ class CALMConfig(PretrainedConfig):
         rope_theta: float | None = 10000.0,
         augment_dropout: float = 0.0,
         augment_norm: bool | str = True,
+        composition_dtype: str = "float32",
         anchor: dict | None = None,
         augments: list[dict] | None = None,
         **kwargs: Any,
@@ -165,6 +170,7 @@ class CALMConfig(PretrainedConfig):
         self.rope_theta = rope_theta
         self.augment_dropout = augment_dropout
         self.augment_norm = augment_norm
+        self.composition_dtype = composition_dtype
         self.anchor = dict(anchor or {})
         self.augments = [dict(a) for a in (augments or [])]
         kwargs.setdefault("vocab_size", self.anchor.get("vocab_size"))
@@ -184,6 +190,9 @@ class CALMConfig(PretrainedConfig):
         if not (isinstance(self.augment_norm, bool) or self.augment_norm == "block"):
             raise ValueError(f"augment_norm={self.augment_norm!r} is invalid: expected True (unit RMS), False (none) "
                              "or 'block' (the augment's own next-block input norm)")
+        if self.composition_dtype not in COMPOSITION_DTYPES:
+            raise ValueError(f"composition_dtype={self.composition_dtype!r} is invalid: expected one of "
+                             f"{COMPOSITION_DTYPES}")
         if isinstance(self.num_heads, bool) or not isinstance(self.num_heads, int) or self.num_heads < 1:
             raise ValueError(f"num_heads={self.num_heads!r} is invalid: expected a positive integer")
         theta = self.rope_theta
@@ -214,3 +223,15 @@ class CALMConfig(PretrainedConfig):
                 raise ValueError(f"{where}{e}") from None
         if isinstance(anchor_width, int) and anchor_width % self.num_heads:
             raise ValueError(f"num_heads={self.num_heads} must divide the anchor's hidden width {anchor_width}")
+
+
+def composition_dtype_name(dtype: Any, anchor_dtype: torch.dtype) -> str:
+    """The name `CALMConfig.composition_dtype` records for `dtype`: a torch dtype, one of `COMPOSITION_DTYPES`, or
+    "auto" (the anchor's dtype: that of its first floating-point weights)."""
+    chosen = anchor_dtype if isinstance(dtype, str) and dtype == "auto" else dtype
+    name = str(chosen).removeprefix("torch.") if isinstance(chosen, torch.dtype) else chosen
+    if name not in COMPOSITION_DTYPES:
+        what = f"'auto' (the anchor's dtype, {name})" if chosen is not dtype else repr(dtype)
+        raise ValueError(f"composition_dtype={what} is invalid: expected 'auto' or one of {COMPOSITION_DTYPES} (or "
+                         "the torch dtype of one)")
+    return name

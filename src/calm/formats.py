@@ -12,14 +12,14 @@ were made with.
 The versions: 1 had no format field. 2 added rope_theta, augment_dropout and augment_norm. 3 split qk_norm, which
 in versions 1-2 also normalised what the values read, into qk_norm (queries and keys) and value_norm (values), and
 renamed init "paper" to "random"; the norm that keys and values read is `proj_norm` in the weights (`key_norm`
-before).
+before). 4 added composition_dtype: the composition layers were float32 before.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-VERSION = 3
+VERSION = 4
 COMPOSITION = "calm"  # calm_config.json
 RUN_RECORD = "calm-run"  # train_config.json
 
@@ -32,10 +32,12 @@ VERSION_1_OPTIONS = {"rope_theta": None, "augment_dropout": 0.0, "augment_norm":
 VERSION_2_INITS = {"paper": "random"}
 # Version 2 -> 3: weight names (as suffixes of a composition's state-dict keys) renamed in version 3.
 VERSION_2_WEIGHTS = {".key_norm.weight": ".proj_norm.weight"}
+# Version 3 -> 4: the dtype of the composition layers, which files of versions 1-3 predate.
+VERSION_3_OPTIONS = {"composition_dtype": "float32"}
 
 
 def format_tag(kind: str) -> str:
-    """The format a new file of `kind` records, e.g. "calm/3"."""
+    """The format a new file of `kind` records, e.g. "calm/4"."""
     return f"{kind}/{VERSION}"
 
 
@@ -64,6 +66,8 @@ def upgrade_options(options: dict[str, Any], version: int) -> dict[str, Any]:
             options["value_norm"] = options["qk_norm"]
         if isinstance(options.get("init"), str):
             options["init"] = VERSION_2_INITS.get(options["init"], options["init"])
+    if version < 4:  # 3 -> 4: the composition layers were always float32
+        options = VERSION_3_OPTIONS | options
     return options
 
 

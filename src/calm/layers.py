@@ -53,6 +53,13 @@ class CrossAttention(nn.Module):
             nn.init.zeros_(self.o.weight)
         # "random": every projection keeps nn.Linear's default init.
 
+    def _here(self, x: torch.Tensor, dtype: bool = True) -> torch.Tensor:
+        """`x` on this layer's device (and, with `dtype`, in its dtype): each connection lives where its anchor block
+        computes, which need not be where the augment's states or the anchor's input are. Keys and values keep
+        their dtype: this layer made them, in its own dtype or autocast's."""
+        weight = self.q.weight
+        return x.to(device=weight.device, dtype=weight.dtype if dtype else None)
+
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         batch, length, _ = x.shape
         return x.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
@@ -63,8 +70,7 @@ class CrossAttention(nn.Module):
         query find "the augment's state at this very token" (both models read the same tokens)."""
         if self.rope_theta is None:
             return x
-        if positions is None:
-            positions = torch.arange(x.shape[-2], device=x.device)[None]
+        positions = torch.arange(x.shape[-2], device=x.device)[None] if positions is None else positions.to(x.device)
         half = self.head_dim // 2
         freqs = self.rope_theta ** (-torch.arange(half, device=x.device, dtype=torch.float32) / half)
         angles = positions[:, None, :, None].float() * freqs
@@ -76,7 +82,7 @@ class CrossAttention(nn.Module):
                     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Project augment hidden states (B, S, D_A) at `positions` (B or 1, S) to per-head keys and values
         (B, H, S, head_dim). Keys are stored already rotated, so a cache never needs their positions."""
-        x = self.augment_norm(augment_states.to(self.proj.weight.dtype))
+        x = self.augment_norm(self._here(augment_states))
         x = self.proj(self.augment_dropout(x))
         normed = self.proj_norm(x) if self.qk_norm or self.value_norm else x
         keys = self.k(normed if self.qk_norm else x)
@@ -84,33 +90,36 @@ class CrossAttention(nn.Module):
         return self._rotate(self._heads(keys), positions), self._heads(values)
 
     def _query(self, anchor_states: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
-        return self._rotate(self._heads(self.q(self.query_norm(anchor_states.to(self.q.weight.dtype)))), positions)
+        return self._rotate(self._heads(self.q(self.query_norm(self._here(anchor_states)))), positions)
 
     def attention_probs(self, anchor_states: torch.Tensor, keys: torch.Tensor,
                         mask: torch.Tensor | str | None = "causal", positions: torch.Tensor | None = None
                         ) -> torch.Tensor:
         """Attention weights (B, H, T, S) of anchor states over augment positions, for inspection and plots."""
         query = self._query(anchor_states, positions)
-        scores = query @ keys.transpose(-1, -2) / self.head_dim**0.5
+        scores = query @ self._here(keys, dtype=False).transpose(-1, -2) / self.head_dim**0.5
         if mask == "causal":
             mask = torch.ones(scores.shape[-2:], dtype=torch.bool, device=scores.device).tril()
         if torch.is_tensor(mask):
-            scores = scores.masked_fill(~mask, float("-inf"))
+            scores = scores.masked_fill(~self._here(mask, dtype=False), float("-inf"))
         return scores.softmax(-1).nan_to_num(0.0)
 
     def forward(self, anchor_states: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                 mask: torch.Tensor | str | None, positions: torch.Tensor | None = None) -> torch.Tensor:
         """Residual update for anchor states (B, T, D_B) at `positions` (B or 1, T). `mask` is a (B, 1, T, S)
         tensor, True where attention is allowed; "causal" for a plain causal mask over equal lengths; None when
-        every key is visible."""
+        every key is visible. Inputs on other devices or in other dtypes are brought to the layer's; the update is
+        returned on the device and in the dtype of `anchor_states`."""
         query = self._query(anchor_states, positions)
+        keys, values = self._here(keys, dtype=False), self._here(values, dtype=False)
         if mask is None or isinstance(mask, str):
             out = F.scaled_dot_product_attention(query, keys, values, is_causal=mask == "causal")
         else:
             # A query with no visible key (left padding) would give NaN; let it see everything, then zero it.
+            mask = self._here(mask, dtype=False)
             has_key = mask.any(dim=-1, keepdim=True)
             out = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask | ~has_key)
             out = out * has_key
         batch, _, length, _ = out.shape
         out = out.transpose(1, 2).reshape(batch, length, -1)
-        return self.o(out).to(anchor_states.dtype)
+        return self.o(out).to(device=anchor_states.device, dtype=anchor_states.dtype)

@@ -23,8 +23,9 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from .alignment import TokenizerAligner, same_tokenizer, tokenizer_fingerprint
 from .blocks import BaseInfo, base_info, decoder_blocks, next_input_norm
 from .cache import CALMCache
-from .config import AUGMENT_MODES, CALMConfig, resolve_connections, resolve_init
+from .config import AUGMENT_MODES, CALMConfig, composition_dtype_name, resolve_connections, resolve_init
 from .layers import CrossAttention
+from .placement import connection_devices, execution_device
 from .serialization import load_composition, save_composition
 
 
@@ -86,19 +87,23 @@ class CALMForCausalLM(PreTrainedModel, GenerationMixin):
         self.anchor = anchor
         self.augments = nn.ModuleList(augments)
         anchor_info = base_info(anchor)
-        device = next(anchor.parameters()).device
+        # Plain tuples: the blocks stay registered only under their own models, never twice in state_dict.
+        self._anchor_blocks = tuple(decoder_blocks(anchor))
+        self._augment_blocks = tuple(tuple(decoder_blocks(a)) for a in augments)
+        # Each connection computes where the anchor block it feeds does (several GPUs under a device_map, or the
+        # execution device of an offloaded block); the layer moves what it reads there itself.
+        devices = connection_devices(config.connections, [execution_device(b) for b in self._anchor_blocks],
+                                     [[execution_device(b) for b in blocks] for blocks in self._augment_blocks])
+        dtype = getattr(torch, config.composition_dtype)
         self.composition = nn.ModuleList(
             nn.ModuleList(
                 CrossAttention(base_info(augment).width, anchor_info.width, config.num_heads, config.qk_norm,
                                config.init, config.rope_theta, config.augment_dropout, config.augment_norm is True,
-                               value_norm=config.value_norm)
-                for _ in conns
+                               value_norm=config.value_norm).to(device=device, dtype=dtype)
+                for device in conn_devices
             )
-            for augment, conns in zip(augments, config.connections)
-        ).to(device=device, dtype=torch.float32)
-        # Plain tuples: the blocks stay registered only under their own models, never twice in state_dict.
-        self._anchor_blocks = tuple(decoder_blocks(anchor))
-        self._augment_blocks = tuple(tuple(decoder_blocks(a)) for a in augments)
+            for augment, conn_devices in zip(augments, devices)
+        )
         # augment_norm="block": each tapped state is read as the augment's own next block reads it. Pretrained
         # models keep a few massive dimensions in their residual stream (Gemma-3: ~90% of the squared norm);
         # their learned input norms damp them, where a plain RMS norm keeps them and the keys all look alike.
@@ -373,8 +378,10 @@ class CALMForCausalLM(PreTrainedModel, GenerationMixin):
         handles = [blocks[i].register_forward_hook(capture(i)) for i in taps if i >= 0]
         if taps[0] == -1:
             handles.append(blocks[0].register_forward_pre_hook(capture_input, with_kwargs=True))
+        device = _input_device(self.augments[k])
         try:
-            self.augments[k](input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+            self.augments[k](input_ids=input_ids.to(device), position_ids=position_ids.to(device),
+                             attention_mask=None if attention_mask is None else attention_mask.to(device),
                              cache=cache, use_cache=cache is not None)
         except _StopAugment:
             pass
@@ -520,6 +527,13 @@ class CALMForCausalLM(PreTrainedModel, GenerationMixin):
                                 **base_kwargs)
 
 
+def _input_device(model: PreTrainedModel) -> torch.device:
+    """Where `model` reads its token ids: where its embeddings compute (looked up at each call, as the model may
+    have been moved since it was composed)."""
+    device = execution_device(model.get_input_embeddings())
+    return device if isinstance(device, torch.device) else model.device  # an embedding table is one tensor
+
+
 def _check_inputs(input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None) -> None:
     if input_ids is None:
         what = "inputs_embeds without input_ids" if inputs_embeds is not None else "no input_ids"
@@ -550,6 +564,7 @@ def compose(
     rope_theta: float | None = 10000.0,
     augment_dropout: float = 0.0,
     augment_norm: bool | str = True,
+    composition_dtype: torch.dtype | str = "float32",
     tokenizer: PreTrainedTokenizerBase | None = None,
     augment_tokenizer: PreTrainedTokenizerBase | None = None,
     augment_tokenizers: Sequence[PreTrainedTokenizerBase | None] | None = None,
@@ -565,6 +580,12 @@ def compose(
     read, `value_norm` what the values read (f_proj's output, through the keys' norm). `init="identity"` zeroes
     each output projection, so the composition starts as exactly the anchor; "random" keeps PyTorch's default
     init. `**calm.PAPER_LAYER` gives the paper's plain layer (no rotary positions, no norms, random init).
+    `composition_dtype` is the dtype of the composition layers' weights, whatever the bases' (float32 by default;
+    "auto": the anchor's, e.g. bfloat16 for fused attention kernels on GPUs).
+
+    Place the bases first (`.to(device)`, or `device_map=...` when loading them): each connection is put on the
+    device its anchor block computes on, and a placement that cannot work (a block never loaded, on "meta" with
+    no offload hook) raises `ValueError` here.
 
     Models need not share a tokenizer: pass the anchor's `tokenizer` and the augment's `augment_tokenizer`
     (`augment_tokenizers=[...]` with several augments). An augment whose tokenizer is the anchor's (compared by
@@ -598,7 +619,7 @@ def compose(
         connections=[[list(p) for p in r] for r in resolved], num_heads=heads, qk_norm=qk_norm,
         value_norm=value_norm, init=resolve_init(init),
         augment_mode=augment_mode, rope_theta=rope_theta, augment_dropout=augment_dropout,
-        augment_norm=augment_norm,
+        augment_norm=augment_norm, composition_dtype=composition_dtype_name(composition_dtype, anchor.dtype),
         anchor=_record(anchor_info, anchor, tokenizer),
         augments=[_record(info, a, tok) | {"shares_tokenizer": shared}
                   for info, a, tok, shared in zip(infos, augments, augment_tokenizers, shares)],

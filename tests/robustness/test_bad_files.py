@@ -198,10 +198,11 @@ BAD_CONFIGS = [
     ("pair_not_list", _set(connections=[[5]]), r"connections\[0\]=5 is invalid: expected a pair"),
     ("no_pairs", _set(connections=[[]]), r"connections=\[\] is invalid: expected a non-empty list"),
     ("more_lists_than_augments", _set(connections=[[[2, 1]], [[3, 2]]]), r"2 connection lists|2 lists but there"),
-    ("future_format", _set(format="calm/4"), r"format 'calm/4' was written by a newer version of calm, which this "
-                                             r"one cannot read \(it reads up to 'calm/3'\): upgrade calm-compose"),
-    ("other_format", _set(format="calm-run/3"), r"format 'calm-run/3' is not supported: expected 'calm/3'"),
+    ("future_format", _set(format="calm/5"), r"format 'calm/5' was written by a newer version of calm, which this "
+                                             r"one cannot read \(it reads up to 'calm/4'\): upgrade calm-compose"),
+    ("other_format", _set(format="calm-run/4"), r"format 'calm-run/4' is not supported: expected 'calm/4'"),
     ("option_missing", lambda c: c.pop("augment_norm"), r"field 'augment_norm' is missing"),
+    ("dtype_not_float", _set(composition_dtype="int8"), r"composition_dtype='int8' is invalid: expected one of"),
     ("checksum_int", _set(weights_sha256=5), r"field 'weights_sha256' must be str, got int"),
 ]
 

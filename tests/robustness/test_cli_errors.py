@@ -196,14 +196,14 @@ def test_a_runs_own_train_config_json_is_a_valid_config_file(assets, tmp_path):
     assert (again.anchor, again.augment, again.train_data) == (str(assets["anchor"]), [str(assets["augment"])],
                                                                 [str(assets["train"])])
     assert again.connections == [[[0, 0], [1, 1]]]
-    assert json.loads((tmp_path / "run" / "train_config.json").read_text())["format"] == "calm-run/3"
+    assert json.loads((tmp_path / "run" / "train_config.json").read_text())["format"] == "calm-run/4"
 
 
 def test_a_run_record_from_a_newer_calm_is_refused(tmp_path, capsys):
     record = tmp_path / "train_config.json"
-    record.write_text(json.dumps({"format": "calm-run/4", "train": {}, "model": {"connections": [[[0, 0]]]}}))
+    record.write_text(json.dumps({"format": "calm-run/5", "train": {}, "model": {"connections": [[[0, 0]]]}}))
     assert main(["train", "--config", str(record)]) == 2
-    assert "format 'calm-run/4' was written by a newer version of calm" in capsys.readouterr().err
+    assert "format 'calm-run/5' was written by a newer version of calm" in capsys.readouterr().err
 
 
 def test_a_runs_record_carries_every_composition_option(assets, tmp_path):
@@ -212,11 +212,11 @@ def test_a_runs_record_carries_every_composition_option(assets, tmp_path):
     from calm.config import OPTIONS
 
     chosen = {"num_heads": 2, "qk_norm": False, "value_norm": False, "init": "random", "augment_mode": "prompt",
-              "rope_theta": None, "augment_dropout": 0.25, "augment_norm": False}
+              "rope_theta": None, "augment_dropout": 0.25, "augment_norm": False, "composition_dtype": "bfloat16"}
     assert set(chosen) == set(OPTIONS)
     argv = fill(["train", *TRAIN, "--num-connections", "1", "--num-heads", "2", "--no-qk-norm", "--no-value-norm",
                  "--init", "random", "--augment-mode", "prompt", "--rope-theta", "none", "--augment-dropout", "0.25",
-                 "--no-augment-norm"], assets, tmp_path)
+                 "--no-augment-norm", "--composition-dtype", "bfloat16"], assets, tmp_path)
     assert main(argv) == 0
     again = apply_config_file(build_parser(), ["train", "--config", str(tmp_path / "run" / "train_config.json")])
     assert {key: getattr(again, key) for key in OPTIONS} == chosen

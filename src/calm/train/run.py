@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedTokenizerBase, Trainer, TrainerCallback
 from transformers.utils import logging
@@ -61,6 +62,11 @@ def train(model: nn.Module, tokenizer: PreTrainedTokenizerBase, train_data: Data
     eval_set = prepare_dataset(eval_data, tokenizer, config, max_length, vocab_size) if eval_data is not None else None
     if not any(p.requires_grad for p in model.parameters()):
         raise ValueError("the model has no parameter with requires_grad=True: nothing to train")
+    if any(p.requires_grad and p.dtype == torch.float16 for p in model.parameters()):
+        # Without a loss scaler float16 gradients underflow, and torch's GradScaler refuses to unscale them.
+        raise ValueError("the trainable weights are float16, which cannot be trained reliably: compose with "
+                         "composition_dtype='float32' (precision='fp16' still runs them in float16 under autocast) "
+                         "or 'bfloat16'")
     is_calm = isinstance(model, CALMForCausalLM)
     if config.cache_augment_states and not is_calm:
         raise ValueError("TrainConfig.cache_augment_states=True needs a CALMForCausalLM (it caches the "
