@@ -60,8 +60,8 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path, own_tokeni
     single = train_main([*common, "--batch-size", "4", "--output-dir", str(tmp_path / "single")])
     assert single.world_size == 1 and single.global_step == 6
 
-    expected = load_file(tmp_path / "single" / "calm.safetensors")
-    got = load_file(tmp_path / "ddp" / "calm.safetensors")
+    expected = load_file(tmp_path / "single" / "model.safetensors")
+    got = load_file(tmp_path / "ddp" / "model.safetensors")
     assert any(v.abs().sum() > 0 for k, v in expected.items() if k.endswith("o.weight"))  # it did train
     # Summation order differs between one batch of 4 and two of 2; Adam turns a last-bit difference in a
     # near-zero gradient into an update of its own, so single elements may differ by ~1e-6 after 6 steps.

@@ -40,7 +40,7 @@ def test_quick_reproduction_writes_every_output(tmp_path, kv_research):
     calm_params, lora_params = (result["runs"][k]["trainable_params"] for k in ("CALM", "m_B + LoRA"))
     assert abs(lora_params - calm_params) <= 0.1 * calm_params  # the LoRA baseline matches CALM's size
     assert (out / "models" / "m_a" / "config.json").is_file()  # base models are real HF checkpoints
-    assert (out / "runs" / "calm" / "calm.safetensors").is_file()
+    assert (out / "runs" / "calm" / "model.safetensors").is_file()
 
     # The probe of m_A's states reads the run directory: one row per layer (+ embeddings) and position.
     from kv_probe import probe
@@ -66,7 +66,7 @@ def test_quick_reproduction_writes_every_output(tmp_path, kv_research):
     assert [[s["step"] for s in r["along_the_way"]] for r in records] == [[4, 8]] * 3
     assert all(set(r["final"]) == {"kv_arithmetic_seen", "kv_arithmetic_unseen"} for r in records)
     assert records[0]["train_loss"] == records[2]["train_loss"] != records[1]["train_loss"]
-    assert markdown(records).count("\n| 0 |") == 2 and (out / "draws" / "seed1" / "calm.safetensors").is_file()
+    assert markdown(records).count("\n| 0 |") == 2 and (out / "draws" / "seed1" / "model.safetensors").is_file()
     decayed = draws(out, [0], every=8, examples=3, spec=with_changes(CompositionSpec.quick(), ["weight_decay=1.0"]))
     assert decayed[0]["train_loss"] != records[0]["train_loss"]  # the spec's weight decay reaches the optimizer
 

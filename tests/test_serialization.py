@@ -13,7 +13,22 @@ from conftest import randomize, tiny
 import calm
 from calm import formats
 from calm.config import OPTIONS
-from calm.serialization import CONFIG_NAME, WEIGHTS_NAME
+from calm.serialization import CONFIG_NAME, HF_CONFIG_NAME, LEGACY_WEIGHTS_NAME, WEIGHTS_NAME, _sha256
+
+
+def to_version_4_layout(path) -> dict:
+    """Rewrite a saved composition as calm wrote it before format version 5: calm.safetensors with names
+    relative to the composition, no config.json; returns its calm_config.json, to edit further."""
+    from safetensors.torch import load_file, save_file
+
+    weights = {k.removeprefix("composition."): v for k, v in load_file(path / WEIGHTS_NAME).items()}
+    save_file(weights, path / LEGACY_WEIGHTS_NAME, metadata={"format": "pt"})
+    for name in (WEIGHTS_NAME, HF_CONFIG_NAME, "README.md"):
+        (path / name).unlink()
+    config = json.loads((path / CONFIG_NAME).read_text())
+    config |= {"format": "calm/4", "weights_sha256": _sha256(path / LEGACY_WEIGHTS_NAME)}
+    (path / CONFIG_NAME).write_text(json.dumps(config))
+    return config
 
 
 @pytest.fixture
@@ -25,15 +40,30 @@ def saved(tmp_path, pair):
     return model, tmp_path
 
 
-def test_writes_only_config_and_composition_weights(saved):
+def test_writes_the_configs_the_composition_weights_and_a_card(saved):
     model, path = saved
-    assert sorted(p.name for p in path.iterdir()) == sorted([CONFIG_NAME, WEIGHTS_NAME])
+    assert sorted(p.name for p in path.iterdir()) == sorted([CONFIG_NAME, HF_CONFIG_NAME, WEIGHTS_NAME, "README.md"])
     from safetensors.torch import load_file
 
-    assert set(load_file(path / WEIGHTS_NAME)) == set(model.composition.state_dict())
+    # The model's own names for the composition weights, and nothing else: the bases are never saved.
+    assert set(load_file(path / WEIGHTS_NAME)) == {f"composition.{k}" for k in model.composition.state_dict()}
     config = json.loads((path / CONFIG_NAME).read_text())
     assert config["connections"] == [[[2, 1], [5, 3]]] and config["num_heads"] == 2
     assert config["anchor"]["width"] == 32 and config["augments"][0]["num_layers"] == 6
+    hf_config = json.loads((path / HF_CONFIG_NAME).read_text())
+    assert hf_config["model_type"] == "calm" and hf_config["architectures"] == ["CALMForCausalLM"]
+    assert hf_config["connections"] == config["connections"] and "weights_sha256" not in hf_config
+
+
+def test_a_version_4_directory_loads_and_a_new_save_replaces_its_weights_file(saved):
+    model, path = saved
+    to_version_4_layout(path)
+    loaded = calm.CALMForCausalLM.from_pretrained(path, anchor=model.anchor, augments=[model.augments[0]])
+    x = torch.randint(3, 90, (2, 8))
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=x).logits, loaded(input_ids=x).logits)
+    loaded.save_pretrained(path)
+    assert (path / WEIGHTS_NAME).is_file() and not (path / LEGACY_WEIGHTS_NAME).exists()
 
 
 def test_round_trip_gives_bit_identical_logits(saved):
@@ -58,15 +88,15 @@ def test_every_option_survives_the_round_trip(tmp_path, pair):
 
 def test_a_new_file_records_the_current_format_version(saved):
     _, path = saved
-    assert json.loads((path / CONFIG_NAME).read_text())["format"] == f"calm/{formats.VERSION}" == "calm/4"
+    assert json.loads((path / CONFIG_NAME).read_text())["format"] == f"calm/{formats.VERSION}" == "calm/5"
 
 
 def test_a_file_from_a_newer_calm_is_refused(saved):
     model, path = saved
     config = json.loads((path / CONFIG_NAME).read_text())
-    (path / CONFIG_NAME).write_text(json.dumps(config | {"format": "calm/5"}))
-    with pytest.raises(ValueError, match=r"format 'calm/5' was written by a newer version of calm, which this one "
-                                         r"cannot read \(it reads up to 'calm/4'\): upgrade calm-compose"):
+    (path / CONFIG_NAME).write_text(json.dumps(config | {"format": "calm/6"}))
+    with pytest.raises(ValueError, match=r"format 'calm/6' was written by a newer version of calm, which this one "
+                                         r"cannot read \(it reads up to 'calm/5'\): upgrade calm-compose"):
         calm.CALMForCausalLM.from_pretrained(path, anchor=model.anchor, augments=[model.augments[0]])
 
 
@@ -75,7 +105,7 @@ def test_a_version_1_file_rebuilds_with_the_options_it_was_made_with(saved, old_
     """Version 1 predates rope_theta, augment_dropout and augment_norm: a version 1 file without them was made
     without rotary positions, dropout or the norm (today's defaults would build another composition)."""
     model, path = saved
-    config = json.loads((path / CONFIG_NAME).read_text())
+    config = to_version_4_layout(path)
     for option in formats.VERSION_1_OPTIONS:
         del config[option]
     config.pop("format")
@@ -92,13 +122,13 @@ def test_a_version_1_file_rebuilds_with_the_options_it_was_made_with(saved, old_
 def test_a_version_3_file_has_float32_composition_layers(saved):
     """Version 3 predates composition_dtype: its composition layers were always float32."""
     model, path = saved
-    config = json.loads((path / CONFIG_NAME).read_text())
+    config = to_version_4_layout(path)
     del config["composition_dtype"]
     (path / CONFIG_NAME).write_text(json.dumps(config | {"format": "calm/3"}))
     loaded = calm.CALMForCausalLM.from_pretrained(path, anchor=model.anchor, augments=[model.augments[0]])
     assert loaded.config.composition_dtype == "float32"
     assert {p.dtype for p in loaded.composition.parameters()} == {torch.float32}
-    config["format"] = "calm/4"  # today's files must say it
+    config["format"] = "calm/4"  # files from version 4 on must say it
     (path / CONFIG_NAME).write_text(json.dumps(config))
     with pytest.raises(ValueError, match="field 'composition_dtype' is missing"):
         calm.CALMForCausalLM.from_pretrained(path, anchor=model.anchor, augments=[model.augments[0]])
@@ -111,19 +141,18 @@ def test_a_version_2_file_keeps_what_its_qk_norm_and_init_meant(tmp_path, pair, 
     init="random", and gives the logits it gave."""
     from safetensors.torch import load_file, save_file
 
-    from calm.serialization import _sha256
-
     anchor, augment = pair
     model = calm.compose(anchor, augment, num_connections=2, num_heads=2, qk_norm=qk_norm, value_norm=qk_norm,
                          init="random")
     randomize(model)
     model.save_pretrained(tmp_path)
-    weights = {k.replace(".proj_norm.", ".key_norm."): v for k, v in load_file(tmp_path / WEIGHTS_NAME).items()}
+    config = to_version_4_layout(tmp_path)
+    weights = {k.replace(".proj_norm.", ".key_norm."): v
+               for k, v in load_file(tmp_path / LEGACY_WEIGHTS_NAME).items()}
     assert any("key_norm" in k for k in weights) is qk_norm
-    save_file(weights, tmp_path / WEIGHTS_NAME, metadata={"format": "pt"})
-    config = json.loads((tmp_path / CONFIG_NAME).read_text())
+    save_file(weights, tmp_path / LEGACY_WEIGHTS_NAME, metadata={"format": "pt"})
     del config["value_norm"]
-    config |= {"format": "calm/2", "init": "paper", "weights_sha256": _sha256(tmp_path / WEIGHTS_NAME)}
+    config |= {"format": "calm/2", "init": "paper", "weights_sha256": _sha256(tmp_path / LEGACY_WEIGHTS_NAME)}
     (tmp_path / CONFIG_NAME).write_text(json.dumps(config))
 
     loaded = calm.CALMForCausalLM.from_pretrained(tmp_path, anchor=anchor, augments=[augment])
@@ -148,7 +177,7 @@ def test_a_version_2_run_record_and_checkpoint_weights_are_upgraded_too():
                                                              "init": "paper"}}
     values = _from_run_record(record, "train_config.json")
     assert (values["qk_norm"], values["value_norm"], values["init"]) == (True, True, "random")
-    record["format"] = "calm-run/4"  # today's records mean what they say
+    record["format"] = "calm-run/5"  # today's records mean what they say
     record["model"] |= {"qk_norm": True, "value_norm": False, "init": "identity"}
     assert _from_run_record(record, "train_config.json")["value_norm"] is False
     weights = {"0.1.key_norm.weight": 1, "0.1.query_norm.weight": 2, "0.1.proj.weight": 3}
@@ -205,7 +234,7 @@ def test_wrong_augment_vocab_is_refused(saved):
 def test_missing_weights_file(saved):
     model, path = saved
     (path / WEIGHTS_NAME).unlink()
-    with pytest.raises(FileNotFoundError, match="calm.safetensors"):
+    with pytest.raises(FileNotFoundError, match="model.safetensors not found"):
         calm.CALMForCausalLM.from_pretrained(path, anchor=model.anchor, augments=[model.augments[0]])
 
 
@@ -261,7 +290,7 @@ def test_save_uses_a_given_full_state_dict(tmp_path, pair):
     full = {f"composition.{k}": torch.full_like(v, 0.5) for k, v in model.composition.state_dict().items()}
     model.save_pretrained(tmp_path, state_dict={**full, "anchor.lm_head.weight": torch.zeros(1)})
     saved = load_file(tmp_path / WEIGHTS_NAME)
-    assert set(saved) == set(model.composition.state_dict())
+    assert set(saved) == set(full)
     assert all(torch.equal(v, torch.full_like(v, 0.5)) for v in saved.values())
 
 
@@ -272,5 +301,5 @@ def test_saved_files_get_the_usual_mode(tmp_path, pair):
         calm.compose(*pair, num_connections=1).save_pretrained(tmp_path)
     finally:
         os.umask(old)
-    for name in (CONFIG_NAME, WEIGHTS_NAME):
+    for name in (CONFIG_NAME, HF_CONFIG_NAME, WEIGHTS_NAME, "README.md"):
         assert (tmp_path / name).stat().st_mode & 0o777 == 0o644, name

@@ -115,7 +115,8 @@ def test_run_directory_holds_model_config_metrics_and_curve(tmp_path, tok):
     result = train(model, tok, sum_examples(16), sum_examples(8, seed=1),
                    quick(tmp_path, max_steps=6, eval_steps=3, save_steps=3, exact_match=True))
     run = tmp_path / "run"
-    for name in ("calm_config.json", "calm.safetensors", "train_config.json", "metrics.jsonl", "loss.png"):
+    for name in ("calm_config.json", "config.json", "model.safetensors", "README.md", "train_config.json",
+                 "metrics.jsonl", "loss.png"):
         assert (run / name).is_file(), name
     assert not (run / "training_args.bin").exists()
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["checkpoint-3", "checkpoint-6"]
@@ -188,7 +189,7 @@ def test_half_written_checkpoints_are_never_resumed(tmp_path, tok):
     # What a kill leaves behind: a staging directory mid-write (never renamed into place).
     staging = checkpoints / f"{STAGING_PREFIX}checkpoint-6" / "checkpoint-6"
     staging.mkdir(parents=True)
-    (staging / "calm.safetensors").write_bytes(b"\x00" * 10)
+    (staging / "model.safetensors").write_bytes(b"\x00" * 10)
     # A checkpoint-N directory without its trainer state (e.g. written by a non-atomic tool) is skipped too.
     (checkpoints / "checkpoint-8").mkdir()
     assert latest_checkpoint(checkpoints).name == "checkpoint-4"
@@ -221,7 +222,7 @@ def test_killed_run_resumes_and_finishes(tmp_path):
     worker.send_signal(signal.SIGKILL)
     assert worker.wait(timeout=60) == -signal.SIGKILL
     worker.stderr.close()
-    assert not (run / "calm.safetensors").exists(), "the worker finished before it could be killed"
+    assert not (run / "model.safetensors").exists(), "the worker finished before it could be killed"
 
     resumed = train_main([*flags, "--resume"])
     assert resumed.resumed_from is not None and resumed.global_step == 100
@@ -230,7 +231,7 @@ def test_killed_run_resumes_and_finishes(tmp_path):
 
     straight = train_main([*flags[: flags.index("--output-dir")], "--output-dir", str(tmp_path / "straight"),
                            *flags[flags.index("--output-dir") + 2:]])
-    expected, got = load_file(tmp_path / "straight" / "calm.safetensors"), load_file(run / "calm.safetensors")
+    expected, got = load_file(tmp_path / "straight" / "model.safetensors"), load_file(run / "model.safetensors")
     assert straight.global_step == 100
     assert all(torch.allclose(expected[k], got[k], rtol=0, atol=1e-6) for k in expected)
 

@@ -12,14 +12,17 @@ were made with.
 The versions: 1 had no format field. 2 added rope_theta, augment_dropout and augment_norm. 3 split qk_norm, which
 in versions 1-2 also normalised what the values read, into qk_norm (queries and keys) and value_norm (values), and
 renamed init "paper" to "random"; the norm that keys and values read is `proj_norm` in the weights (`key_norm`
-before). 4 added composition_dtype: the composition layers were float32 before.
+before). 4 added composition_dtype: the composition layers were float32 before. 5 moved the weights from
+`calm.safetensors` (names relative to the composition) to `model.safetensors` under the model's own parameter
+names (`composition.…`), the file the Trainer and the Hub look for, and added `config.json` (what `AutoConfig`
+reads); the options are unchanged.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-VERSION = 4
+VERSION = 5
 COMPOSITION = "calm"  # calm_config.json
 RUN_RECORD = "calm-run"  # train_config.json
 

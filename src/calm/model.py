@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Iterator, Sequence
+import os
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -26,7 +28,7 @@ from .cache import CALMCache
 from .config import AUGMENT_MODES, CALMConfig, composition_dtype_name, resolve_connections, resolve_init
 from .layers import CrossAttention
 from .placement import connection_devices, execution_device
-from .serialization import load_composition, save_composition
+from .serialization import load_composition, load_state, save_pretrained
 
 
 class TokenizerMismatchError(ValueError):
@@ -503,28 +505,61 @@ class CALMForCausalLM(PreTrainedModel, GenerationMixin):
         share = 100 * trainable / total
         print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {share:.4f}")
 
-    def save_pretrained(self, save_directory: str, state_dict: dict | None = None, **kwargs: Any) -> None:
-        """Write `calm_config.json` and `calm.safetensors` (composition weights only, never the bases).
+    def save_pretrained(self, save_directory: str | os.PathLike, is_main_process: bool = True,
+                        state_dict: dict | None = None, push_to_hub: bool = False,
+                        max_shard_size: int | str | None = None, safe_serialization: bool = True,
+                        **hub_options: Any) -> Any:
+        """Write the composition (never the bases): `calm_config.json`, `config.json`, `model.safetensors` (the
+        composition weights under their model names), the tokenizers and a model card (README.md).
 
         `state_dict` (as the Trainer passes under FSDP/DeepSpeed, where parameters are sharded) supplies the
-        full weights; only its `composition.` entries are written."""
-        prefix = "composition."
-        weights = None if state_dict is None else {
-            k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
-        save_composition(self, save_directory, weights)
+        full weights; only its `composition.` entries are written. Only the main process writes. `push_to_hub=True`
+        then uploads the files to `repo_id` (default: the directory's name), with `commit_message`,
+        `commit_description`, `private`, `token`, `create_pr` and `revision` as in transformers. The weights are
+        one file: a `max_shard_size` they exceed is refused, as are `safe_serialization=False` and any other
+        argument. Returns the Hub commit when pushing."""
+        return save_pretrained(self, save_directory, is_main_process=is_main_process, state_dict=state_dict,
+                               push_to_hub=push_to_hub, max_shard_size=max_shard_size,
+                               safe_serialization=safe_serialization, **hub_options)
+
+    def push_to_hub(self, repo_id: str, *, commit_message: str | None = None, commit_description: str | None = None,
+                    private: bool | None = None, token: str | bool | None = None, revision: str | None = None,
+                    create_pr: bool = False, max_shard_size: int | str | None = None,
+                    tags: Sequence[str] = ()) -> Any:
+        """Upload the composition to Hub repo `repo_id` (`save_pretrained` into a temporary directory, then
+        push); `tags` are added to the model card's metadata."""
+        with tempfile.TemporaryDirectory() as tmp:
+            return save_pretrained(self, tmp, push_to_hub=True, repo_id=repo_id, commit_message=commit_message,
+                                   commit_description=commit_description, private=private, token=token,
+                                   revision=revision, create_pr=create_pr, max_shard_size=max_shard_size, tags=tags)
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
+        """`nn.Module.load_state_dict`, except that a state dict of composition weights alone (`composition.`
+        names, as `model.safetensors` holds them, which is what a stock Trainer loads to resume or to restore the
+        best model) loads only the composition, checked strictly whatever `strict` says."""
+        if state_dict and all(name.startswith("composition.") for name in state_dict):
+            return load_state(self, state_dict, assign=assign)
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     @classmethod
-    def from_pretrained(cls, path: str, anchor: PreTrainedModel | None = None,
-                        augments: Sequence[PreTrainedModel] | None = None, *,
+    def from_pretrained(cls, path: str | os.PathLike, anchor: PreTrainedModel | str | os.PathLike | None = None,
+                        augments: Sequence[PreTrainedModel | str | os.PathLike | None] | None = None, *,
                         tokenizer: PreTrainedTokenizerBase | None = None,
                         augment_tokenizers: Sequence[PreTrainedTokenizerBase | None] | None = None,
+                        config: CALMConfig | None = None, revision: str | None = None, subfolder: str = "",
                         trust_remote_code: bool = False, **base_kwargs: Any) -> CALMForCausalLM:
-        """Load a saved composition onto its base models: the given ones, or those named in its config
-        (loaded with `AutoModelForCausalLM.from_pretrained(name, **base_kwargs)`). Tokenizers saved with it are
-        loaded too; given ones must be those it was trained with (compared by fingerprint)."""
+        """Load a saved composition, from a local directory or a Hub repo id (at `revision`), with its base models
+        and tokenizers: one call is enough.
+
+        Each base model is the one given (`anchor=`, `augments=[...]`: a model, a local directory or a Hub id;
+        None for the recorded one) or the one the composition records: the local directory it was loaded from,
+        else its Hub id at the recorded commit, loaded with `AutoModelForCausalLM.from_pretrained(...,
+        **base_kwargs)`. A base found nowhere raises `FileNotFoundError` naming it and every place tried.
+        `cache_dir`, `token`, `local_files_only` and `force_download` apply to every download. Tokenizers saved
+        with it are loaded too; given ones must be those it was trained with (compared by fingerprint)."""
         return load_composition(cls, path, anchor, augments, tokenizer=tokenizer,
-                                augment_tokenizers=augment_tokenizers, trust_remote_code=trust_remote_code,
-                                **base_kwargs)
+                                augment_tokenizers=augment_tokenizers, config=config, revision=revision,
+                                subfolder=subfolder, trust_remote_code=trust_remote_code, **base_kwargs)
 
 
 def _input_device(model: PreTrainedModel) -> torch.device:

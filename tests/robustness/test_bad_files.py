@@ -59,7 +59,7 @@ def edit_config(path: Path, edit) -> None:
     (path / CONFIG_NAME).write_text(json.dumps(config))
 
 
-# --------------------------------------------------------------------------- corrupted calm.safetensors
+# -------------------------------------------------------------------------- corrupted model.safetensors
 
 
 def _flip_data_byte(data: bytes) -> bytes:
@@ -95,7 +95,7 @@ def test_corrupted_weights_are_refused_and_nothing_is_touched(saved, kind):
     weights = path / WEIGHTS_NAME
     weights.write_bytes(CORRUPTIONS[kind](weights.read_bytes()))
     before = snapshot(anchor, augment)
-    with pytest.raises(ValueError, match=r"calm\.safetensors (is corrupted or truncated|does not match the checksum)"):
+    with pytest.raises(ValueError, match=r"model\.safetensors (is corrupted or truncated|does not match the checksum)"):
         load(path, anchor, augment)
     assert_unchanged(before, anchor, augment)
 
@@ -110,11 +110,16 @@ def test_weights_from_another_save_do_not_pass_as_this_configs(saved, tmp_path, 
         load(path, anchor, augment)
 
 
+def composition_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The saved weights under their names in the composition (the file holds them under the model's)."""
+    return {k.removeprefix("composition."): v for k, v in load_file(path / WEIGHTS_NAME).items()}
+
+
 def rewrite_weights(path: Path, edit) -> None:
     """Replace the weights as a conversion script would: a valid file, and no checksum in the config."""
-    weights = load_file(path / WEIGHTS_NAME)
+    weights = composition_weights(path)
     edit(weights)
-    save_file(weights, path / WEIGHTS_NAME)
+    save_file({f"composition.{k}": v for k, v in weights.items()}, path / WEIGHTS_NAME)
     edit_config(path, lambda c: c.pop("weights_sha256"))
 
 
@@ -143,7 +148,7 @@ def test_wrong_tensors_are_refused_before_any_is_loaded(saved, edit, message):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
 def test_other_float_dtypes_are_cast(saved, dtype):
     path, anchor, augment = saved
-    original = load_file(path / WEIGHTS_NAME)
+    original = composition_weights(path)
     rewrite_weights(path, lambda w: w.update({k: v.to(dtype) for k, v in w.items()}))
     model = load(path, anchor, augment)
     for name, value in model.composition.state_dict().items():
@@ -198,9 +203,9 @@ BAD_CONFIGS = [
     ("pair_not_list", _set(connections=[[5]]), r"connections\[0\]=5 is invalid: expected a pair"),
     ("no_pairs", _set(connections=[[]]), r"connections=\[\] is invalid: expected a non-empty list"),
     ("more_lists_than_augments", _set(connections=[[[2, 1]], [[3, 2]]]), r"2 connection lists|2 lists but there"),
-    ("future_format", _set(format="calm/5"), r"format 'calm/5' was written by a newer version of calm, which this "
-                                             r"one cannot read \(it reads up to 'calm/4'\): upgrade calm-compose"),
-    ("other_format", _set(format="calm-run/4"), r"format 'calm-run/4' is not supported: expected 'calm/4'"),
+    ("future_format", _set(format="calm/6"), r"format 'calm/6' was written by a newer version of calm, which this "
+                                             r"one cannot read \(it reads up to 'calm/5'\): upgrade calm-compose"),
+    ("other_format", _set(format="calm-run/5"), r"format 'calm-run/5' is not supported: expected 'calm/5'"),
     ("option_missing", lambda c: c.pop("augment_norm"), r"field 'augment_norm' is missing"),
     ("dtype_not_float", _set(composition_dtype="int8"), r"composition_dtype='int8' is invalid: expected one of"),
     ("checksum_int", _set(weights_sha256=5), r"field 'weights_sha256' must be str, got int"),
@@ -338,7 +343,7 @@ def test_training_args_bin_is_never_read_so_its_payload_is_harmless(run_copy, tm
     ("trainer_state.json", b"{not json", r"trainer_state\.json cannot be read"),
     ("trainer_state.json", b"[]", r"trainer_state\.json must hold a JSON object"),
     ("data_state.json", b"\x00\x01", r"data_state\.json cannot be read"),
-    ("calm.safetensors", b"\x08\x00\x00\x00\x00\x00\x00\x00{}", r"calm\.safetensors"),
+    ("model.safetensors", b"\x08\x00\x00\x00\x00\x00\x00\x00{}", r"model\.safetensors"),
     ("calm_config.json", b"{oops", r"calm_config\.json cannot be read"),
     ("optimizer.pt", b"PK\x03\x04 truncated zip", r"optimizer\.pt is not a plain tensor file"),
 ])
@@ -356,7 +361,7 @@ def test_a_checkpoint_of_another_composition_does_not_fit(run_copy, tmp_path):
     """Same data, another composition (one connection instead of two): refused, naming what differs."""
     anchor, augment = tiny("llama", 32, 2, 4, seed=0), tiny("qwen2", 16, 2, 2, seed=1)
     model = calm.compose(anchor, augment, num_connections=1)
-    with pytest.raises(CheckpointError, match=r"calm\.safetensors does not fit calm_config\.json: "
+    with pytest.raises(CheckpointError, match=r"model\.safetensors does not fit calm_config\.json: "
                                               r"missing \[\], unexpected \['0\.1\."):
         resume(tmp_path, model)
 

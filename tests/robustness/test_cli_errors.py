@@ -89,7 +89,7 @@ def corrupted_composition(assets: dict, tmp_path: Path) -> str:
 
     target = tmp_path / "broken"
     shutil.copytree(assets["composition"], target)
-    (target / "calm.safetensors").write_bytes(b"\x00" * 10)
+    (target / "model.safetensors").write_bytes(b"\x00" * 10)
     return str(target)
 
 
@@ -196,14 +196,14 @@ def test_a_runs_own_train_config_json_is_a_valid_config_file(assets, tmp_path):
     assert (again.anchor, again.augment, again.train_data) == (str(assets["anchor"]), [str(assets["augment"])],
                                                                 [str(assets["train"])])
     assert again.connections == [[[0, 0], [1, 1]]]
-    assert json.loads((tmp_path / "run" / "train_config.json").read_text())["format"] == "calm-run/4"
+    assert json.loads((tmp_path / "run" / "train_config.json").read_text())["format"] == "calm-run/5"
 
 
 def test_a_run_record_from_a_newer_calm_is_refused(tmp_path, capsys):
     record = tmp_path / "train_config.json"
-    record.write_text(json.dumps({"format": "calm-run/5", "train": {}, "model": {"connections": [[[0, 0]]]}}))
+    record.write_text(json.dumps({"format": "calm-run/6", "train": {}, "model": {"connections": [[[0, 0]]]}}))
     assert main(["train", "--config", str(record)]) == 2
-    assert "format 'calm-run/5' was written by a newer version of calm" in capsys.readouterr().err
+    assert "format 'calm-run/6' was written by a newer version of calm" in capsys.readouterr().err
 
 
 def test_a_runs_record_carries_every_composition_option(assets, tmp_path):

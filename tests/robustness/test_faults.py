@@ -189,13 +189,13 @@ def test_sigkill_at_a_random_event_then_resume(tmp_path, reference, seed):
 
 # (kind, where, occurrence, mode, latest checkpoint left by the kill)
 DURING_SAVES = [
-    ("save_file", "checkpoint-4", 1, "partial", "checkpoint-2"),  # half of calm.safetensors written
+    ("save_file", "checkpoint-4", 1, "partial", "checkpoint-2"),  # half of model.safetensors written
     ("torch.save", "checkpoint-4/optimizer.pt", 1, "partial", "checkpoint-2"),
     ("torch.save", "checkpoint-4/rng_state.pth", 1, "after", "checkpoint-2"),  # before trainer_state.json
     ("os.replace", "checkpoint-4 -> ", 1, "before", "checkpoint-2"),  # just before publishing
     ("os.replace", "checkpoint-4 -> ", 1, "after", "checkpoint-4"),  # just after publishing
     ("rmtree", "checkpoints/checkpoint-2", 1, "partial", "checkpoint-6"),  # halfway through deleting the oldest
-    ("save_file", "run/.calm.safetensors", 1, "partial", "checkpoint-8"),  # the final model
+    ("save_file", "run/.model.safetensors", 1, "partial", "checkpoint-8"),  # the final model
 ]
 
 

@@ -18,7 +18,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 
 from ..model import CALMForCausalLM
-from ..serialization import CONFIG_NAME, WEIGHTS_NAME, check_weights, load_weights
+from ..serialization import CONFIG_NAME, check_weights, load_weights, weights_file
 from .options import TrainConfig
 
 logger = logging.get_logger(__name__)
@@ -106,9 +106,10 @@ def check_checkpoint(checkpoint: Path, model: nn.Module) -> None:
     full). `training_args.bin` is never read."""
     context = f"cannot resume from {checkpoint}"
     _read_json_object(checkpoint / TRAINER_STATE_FILE, context)
-    if isinstance(model, CALMForCausalLM) and (checkpoint / WEIGHTS_NAME).is_file():
+    weights = weights_file(checkpoint)
+    if isinstance(model, CALMForCausalLM) and weights is not None:
         try:
-            check_weights(checkpoint_weights(checkpoint), model.composition, checkpoint / WEIGHTS_NAME)
+            check_weights(checkpoint_weights(checkpoint), model.composition, weights)
         except ValueError as e:
             raise CheckpointError(f"{context}: {e}") from None
     for path in sorted(checkpoint.iterdir()):

@@ -1,7 +1,8 @@
 """`train()`: one training run, from data to the saved model.
 
-Run directory layout: the final model (`calm_config.json` + `calm.safetensors` for a composition, or the
-model's own `save_pretrained` files), `train_config.json`, `metrics.jsonl`, `loss.png`, `checkpoints/`.
+Run directory layout: the final model (`calm_config.json`, `config.json`, `model.safetensors` and README.md for a
+composition, or the model's own `save_pretrained` files), `train_config.json`, `metrics.jsonl`, `loss.png`,
+`checkpoints/`.
 """
 
 from __future__ import annotations
@@ -93,6 +94,9 @@ def train(model: nn.Module, tokenizer: PreTrainedTokenizerBase, train_data: Data
         trainer.add_callback(callback)
     if args.should_save:
         _write_run_config(run_dir / CONFIG_FILE, config, train_set, eval_set, run_info or {})
+    if is_calm:  # the model card that save_pretrained writes names the data
+        model.config.training_data = {name: data_summary(dataset) for name, dataset in
+                                      (("train", train_set), ("eval", eval_set)) if dataset is not None}
 
     if resume_from is not None:
         check_data_state(resume_from, trainer)
@@ -135,6 +139,14 @@ def _write_run_config(path: Path, config: TrainConfig, train_set: TokenizedDatas
     record = {"format": format_tag(RUN_RECORD), "train": config.to_dict(), **run_info,
               "data": {**data, **run_info.get("data", {})}}
     write_text_atomically(path, json.dumps(record, indent=2, default=str) + "\n")
+
+
+def data_summary(dataset: TokenizedDataset) -> dict[str, Any]:
+    """What a model card says about a dataset: its files' names (never their directories), format, and how
+    many examples and tokens it has."""
+    source = ", ".join(Path(part).name for part in dataset.examples.source.split(", "))
+    return {"source": source, "format": dataset.format, "examples": len(dataset),
+            "tokens": dataset.stats.get("tokens", 0)}
 
 
 def prepare_dataset(data: DataSource, tokenizer: PreTrainedTokenizerBase, config: TrainConfig,

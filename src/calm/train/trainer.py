@@ -15,7 +15,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from ..data import PROMPT_COMPLETION, TokenizedDataset
 from ..eval import exact_match_count
 from ..model import CALMForCausalLM
-from ..serialization import WEIGHTS_NAME, load_checked
+from ..serialization import WEIGHTS_NAME, load_checked, weights_file
 from .augment_cache import AugmentStateCache
 from .checkpoints import (
     STAGING_PREFIX,
@@ -201,10 +201,20 @@ class CompositionTrainer(Trainer):
         self.accelerator.wait_for_everyone()
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
-        """Composition checkpoints hold only `calm.safetensors`; other models load the Trainer's way."""
+        """A composition checkpoint's weights are checked against the checksum its calm_config.json records
+        before they are loaded; other models load the Trainer's way."""
         target = self.accelerator.unwrap_model(model if model is not None else self.model)
         if isinstance(target, CALMForCausalLM) and not self.is_fsdp_enabled and not self.is_deepspeed_enabled:
-            weights = checkpoint_weights(Path(resume_from_checkpoint))  # safetensors only: nothing is unpickled
-            load_checked(target.composition, weights, Path(resume_from_checkpoint) / WEIGHTS_NAME)
+            checkpoint = Path(resume_from_checkpoint)
+            weights = checkpoint_weights(checkpoint)  # safetensors only: nothing is unpickled
+            load_checked(target.composition, weights, weights_file(checkpoint) or checkpoint / WEIGHTS_NAME)
             return
         super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+    def _load_best_model(self) -> None:
+        """The best checkpoint's composition weights, checked as when resuming; other models the Trainer's way."""
+        target = self.accelerator.unwrap_model(self.model)
+        if isinstance(target, CALMForCausalLM) and not self.is_fsdp_enabled and not self.is_deepspeed_enabled:
+            self._load_from_checkpoint(self.state.best_model_checkpoint)
+            return
+        super()._load_best_model()
