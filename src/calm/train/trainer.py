@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import Trainer
+from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from ..data import PROMPT_COMPLETION, TokenizedDataset
@@ -182,8 +183,12 @@ class CompositionTrainer(Trainer):
         try:
             super()._save_checkpoint(model, trial)  # model, optimizer, scheduler, RNG, trainer state
             self._staging_dir = None
+            if self.state.best_global_step:  # the Trainer saw only the staging directory: name the published one
+                self.state.best_model_checkpoint = str(run_dir / f"{PREFIX_CHECKPOINT_DIR}-"
+                                                                 f"{self.state.best_global_step}")
             self.accelerator.wait_for_everyone()  # every process has written its RNG state
             if self.args.should_save:
+                self.state.save_to_json(str(staging / name / TRAINER_STATE_NAME))
                 write_data_state(staging / name, self)
                 publish_directory(staging / name, run_dir / name)
         except Exception as e:  # disk full, no permission, I/O error: nothing half-written is published
