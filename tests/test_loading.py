@@ -273,7 +273,7 @@ def test_save_pretrained_honours_a_shard_size_that_fits_and_only_the_main_proces
 
 def test_the_model_card_names_bases_connections_size_options_and_data(tmp_path, bases_on_disk):
     model = calm.compose(*bases_on_disk, connections=[[2, 1], [5, 3]], num_heads=2)
-    model.config.training_data = {"train": {"source": "train.jsonl", "format": "prompt/completion",
+    model.config.training_data = {"train": {"source": "train.jsonl", "format": "prompt_completion",
                                             "examples": 1200, "tokens": 34567}}
     model.save_pretrained(tmp_path / "calm")
     card = huggingface_hub.ModelCard.load(tmp_path / "calm" / "README.md")
@@ -284,7 +284,7 @@ def test_the_model_card_names_bases_connections_size_options_and_data(tmp_path, 
     assert "- augments[0]: 2 → 1, 5 → 3" in card.text
     assert f"Trainable parameters: {trainable:,d}" in card.text
     assert "num_heads=2" in card.text and "qk_norm=True" in card.text
-    assert "- training data: train.jsonl (prompt/completion, 1,200 examples, 34,567 tokens)" in card.text
+    assert "- training data: train.jsonl (prompt_completion, 1,200 examples, 34,567 tokens)" in card.text
     assert json.loads((tmp_path / "calm" / CONFIG_NAME).read_text())["training_data"]["train"]["examples"] == 1200
     loaded = calm.CALMForCausalLM.from_pretrained(tmp_path / "calm")
     assert loaded.config.training_data == model.config.training_data  # kept for the next save
@@ -294,3 +294,18 @@ def test_a_readme_that_calm_did_not_write_is_left_alone(tmp_path, pair):
     (tmp_path / "README.md").write_text("# my project\n")
     calm.compose(*pair, num_connections=1).save_pretrained(tmp_path)
     assert (tmp_path / "README.md").read_text() == "# my project\n"
+
+
+def test_a_trained_compositions_card_names_its_data_files_not_their_directories(tmp_path):
+    from train_worker import char_tokenizer, sum_examples, write_jsonl
+
+    from calm.train import TrainConfig, train
+
+    model = calm.compose(tiny("llama", 32, 2, 4), tiny("qwen2", 16, 2, 2, seed=1))
+    (tmp_path / "data").mkdir()
+    data = write_jsonl(sum_examples(8), tmp_path / "data" / "train.jsonl")
+    train(model, char_tokenizer(), data, config=TrainConfig(output_dir=str(tmp_path / "run"), max_steps=1,
+                                                            batch_size=4, progress_bar=False, plot=False))
+    card = (tmp_path / "run" / "README.md").read_text()
+    assert "- training data: train.jsonl (prompt_completion, 8 examples, " in card
+    assert str(tmp_path / "data") not in card

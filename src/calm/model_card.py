@@ -25,8 +25,8 @@ def _base_name(record: dict[str, Any]) -> str:
     """A base's public name: its Hub id, else the last part of its local path (never a full local path)."""
     if record.get("hub_id"):
         return record["hub_id"]
-    name = record.get("local_path") or record.get("name_or_path") or "unknown"
-    return f"{Path(name).name} (a local model)"
+    name = record.get("local_path") or record.get("name_or_path")
+    return f"{Path(name).name} (a local model)" if name else "not recorded"
 
 
 def _data_line(what: str, summary: dict[str, Any]) -> str:
