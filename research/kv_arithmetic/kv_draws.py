@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import torch
@@ -51,7 +51,9 @@ def run_spec(run_dir: Path) -> CompositionSpec:
     saved = json.loads(results.read_text())["settings"]["composition"]
     # results.json records no format version. A field the run lacks is an option it predates: rebuild it as it
     # was made, as a saved composition of format version 1 is.
-    return CompositionSpec(**upgrade_options(saved, version=1))
+    options = upgrade_options(saved, version=1)
+    # Options the spec does not carry (composition_dtype: its layers are float32) stay at compose()'s defaults.
+    return CompositionSpec(**{f.name: options[f.name] for f in fields(CompositionSpec) if f.name in options})
 
 
 def draws(run_dir: Path, seeds: Sequence[int], every: int = 500, examples: int = 150,
