@@ -21,7 +21,7 @@ from transformers import (
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .alignment import TokenizerAligner, same_tokenizer, tokenizer_fingerprint
-from .blocks import BaseInfo, base_info, decoder_blocks, next_input_norm
+from .blocks import BaseInfo, base_info, decoder_blocks, decoder_prefix, next_input_norm
 from .cache import CALMCache
 from .config import AUGMENT_MODES, CALMConfig, resolve_connections, resolve_init
 from .layers import CrossAttention
@@ -32,8 +32,78 @@ class TokenizerMismatchError(ValueError):
     """The models do not share a tokenizer, and the augment's was not given."""
 
 
-class _StopAugment(Exception):
-    """Raised after an augment's deepest tapped block: its later blocks, norm and LM head are never run."""
+class _PassState:
+    """What the composition's persistent hooks read and write during one pass: `inject`, per anchor block, the
+    cross-attention layers with their keys, values and mask, and `positions`, the anchor's position ids (while
+    the anchor runs); `taps`, the augment states captured so far (while an augment runs). All None between
+    passes, so the hooks leave the base models alone when they run on their own.
+
+    The hooks hold this object, never the composition: a deep copy of a base model copies just this."""
+
+    def __init__(self) -> None:
+        self.inject: dict[int, list] | None = None
+        self.positions: torch.Tensor | None = None
+        self.taps: dict[int, torch.Tensor] | None = None
+
+    @contextlib.contextmanager
+    def injecting(self, inject: dict[int, list] | None, positions: torch.Tensor | None) -> Iterator[None]:
+        before = self.inject, self.positions
+        self.inject, self.positions = inject, positions
+        try:
+            yield
+        finally:
+            self.inject, self.positions = before
+
+    def updated(self, hidden: torch.Tensor, block: int) -> torch.Tensor | None:
+        """The anchor stream after anchor block `block` plus its connections' updates; None when it has none."""
+        entries = None if self.inject is None else self.inject.get(block)
+        if not entries:
+            return None
+        return hidden + sum(layer(hidden, keys, values, mask, self.positions) for layer, keys, values, mask in entries)
+
+
+class _InjectAfter:
+    """Forward hook of an anchor block: adds its connections' cross-attention to the block's output."""
+
+    def __init__(self, state: _PassState, block: int) -> None:
+        self.state, self.block = state, block
+
+    def __call__(self, module: nn.Module, args: tuple, output: Any) -> Any:
+        hidden = self.state.updated(_block_output(output), self.block)
+        return None if hidden is None else _replace_block_output(output, hidden)
+
+
+class _InjectBefore:
+    """Forward pre-hook (with kwargs) of anchor block 0: connections to anchor block -1 update its input."""
+
+    def __init__(self, state: _PassState) -> None:
+        self.state = state
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        hidden = self.state.updated(_block_input(args, kwargs), -1)
+        return None if hidden is None else _replace_block_input(args, kwargs, hidden)
+
+
+class _TapAfter:
+    """Forward hook of an augment block: keeps its output while the composition runs the augment."""
+
+    def __init__(self, state: _PassState, block: int) -> None:
+        self.state, self.block = state, block
+
+    def __call__(self, module: nn.Module, args: tuple, output: Any) -> None:
+        if self.state.taps is not None:
+            self.state.taps[self.block] = _block_output(output)
+
+
+class _TapBefore:
+    """Forward pre-hook (with kwargs) of augment block 0: keeps its input, the embeddings (tap -1)."""
+
+    def __init__(self, state: _PassState) -> None:
+        self.state = state
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if self.state.taps is not None:
+            self.state.taps[-1] = _block_input(args, kwargs)
 
 
 def _block_output(output: Any) -> torch.Tensor:
@@ -105,11 +175,39 @@ class CALMForCausalLM(PreTrainedModel, GenerationMixin):
         self._tap_norms = tuple(
             {a: next_input_norm(augment, a) for a, _ in conns} if config.augment_norm == "block" else {}
             for augment, conns in zip(augments, config.connections))
+        # Each augment runs as its decoder cut after its deepest tapped block: nothing after it ever runs, and
+        # the cut decoder's output is that block's output (the embeddings for tap -1).
+        self._deepest = tuple(max(a for a, _ in conns) for conns in config.connections)
+        self._augment_prefixes = tuple(decoder_prefix(a, d + 1) for a, d in zip(augments, self._deepest))
         for base in (anchor, *augments):
             base.requires_grad_(False)
             base.eval()
         self.generation_config = self._own_generation_config(anchor, config)
         self.post_init()
+        self._state = _PassState()
+        self._hooks = self._install_hooks()  # last: a constructor that raises leaves no hook behind
+
+    def _install_hooks(self) -> list:
+        """The hooks that join the models, installed once, inert outside the composition's own passes: after each
+        anchor block with connections (before block 0 for anchor block -1), and at each augment tap above the
+        deepest (whose state is the cut decoder's output)."""
+        state, hooks = self._state, []
+        for b in sorted({b for conns in self.config.connections for _, b in conns}):
+            if b >= 0:
+                hooks.append(self._anchor_blocks[b].register_forward_hook(_InjectAfter(state, b)))
+            else:
+                hooks.append(self._anchor_blocks[0].register_forward_pre_hook(_InjectBefore(state), with_kwargs=True))
+        for blocks, conns, deepest in zip(self._augment_blocks, self.config.connections, self._deepest):
+            for a in sorted({a for a, _ in conns} - {deepest}):
+                hooks.append(blocks[a].register_forward_hook(_TapAfter(state, a)) if a >= 0 else
+                             blocks[0].register_forward_pre_hook(_TapBefore(state), with_kwargs=True))
+        return hooks
+
+    def _remove_hooks(self) -> None:
+        """Take the composition's hooks off the base models (a load that fails after building the model)."""
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
 
     @staticmethod
     def _own_generation_config(anchor: PreTrainedModel, config: CALMConfig) -> GenerationConfig:
@@ -204,7 +302,7 @@ class CALMForCausalLM(PreTrainedModel, GenerationMixin):
         keys_values, masks = self._augment_keys_values(
             input_ids, attention_mask, position_ids, cache, past, mode, augment_length, augment_states, augment_inputs
         )
-        with self._inject(keys_values, masks, position_ids):
+        with self._state.injecting(self._injections(keys_values, masks), position_ids):
             out = self.anchor(
                 input_ids=None if inputs_embeds is not None else input_ids, inputs_embeds=inputs_embeds,
                 attention_mask=attention_mask, position_ids=position_ids,
@@ -353,44 +451,26 @@ class CALMForCausalLM(PreTrainedModel, GenerationMixin):
     @torch.no_grad()
     def _run_augment(self, k: int, input_ids, attention_mask, position_ids, cache) -> dict[int, torch.Tensor]:
         """Hidden states after each tapped block of augment k (tap -1: the input of block 0, i.e. the
-        embeddings), stopping after the deepest one."""
-        taps = sorted({a for a, _ in self.config.connections[k]})
-        blocks = self._augment_blocks[k]
-        states: dict[int, torch.Tensor] = {}
-
-        def capture(index: int):
-            def hook(module, args, output):
-                states[index] = _block_output(output)
-                if index == taps[-1]:
-                    raise _StopAugment
-            return hook
-
-        def capture_input(module, args, kwargs):
-            states[-1] = _block_input(args, kwargs)
-            if taps[-1] == -1:
-                raise _StopAugment
-
-        handles = [blocks[i].register_forward_hook(capture(i)) for i in taps if i >= 0]
-        if taps[0] == -1:
-            handles.append(blocks[0].register_forward_pre_hook(capture_input, with_kwargs=True))
+        embeddings): its decoder runs up to its deepest tapped block, and nothing after it."""
+        taps: dict[int, torch.Tensor] = {}
+        self._state.taps = taps
         try:
-            self.augments[k](input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                             cache=cache, use_cache=cache is not None)
-        except _StopAugment:
-            pass
+            out = self._augment_prefixes[k](input_ids=input_ids, attention_mask=attention_mask,
+                                            position_ids=position_ids, cache=cache, use_cache=cache is not None)
         finally:
-            for handle in handles:
-                handle.remove()
+            self._state.taps = None
+        taps[self._deepest[k]] = out[0]
         norms = self._tap_norms[k]
-        return {a: norms[a](h) if a in norms else h for a, h in states.items()}
+        return {a: norms[a](h) if a in norms else h for a, h in taps.items()}
 
     @staticmethod
     def _cross_mask(attention_mask, past, length, num_keys, augment_length, device) -> torch.Tensor | str | None:
         """(B, 1, T, S) True where anchor query t may see augment position s: s <= t, s not padding, and s in
-        the prompt when `augment_length` is per example. Without padding the fast SDPA paths serve instead:
-        "causal" for a square causal mask, None when every key precedes every query (decoding)."""
+        the prompt when `augment_length` is per example. Without an attention mask the fast SDPA paths serve
+        instead: "causal" for a square causal mask, None when every key precedes every query (decoding). With one,
+        the mask is always built: asking whether it has padding would wait for the device every pass."""
         per_example = torch.is_tensor(augment_length)
-        if not per_example and (attention_mask is None or bool(attention_mask.all())):
+        if not per_example and attention_mask is None:
             if num_keys <= past + 1:
                 return None
             if past == 0 and num_keys == length:
@@ -404,40 +484,17 @@ class CALMForCausalLM(PreTrainedModel, GenerationMixin):
             mask = mask & (key_pos < augment_length.to(device)[:, None])[:, None, None, :]
         return mask
 
-    @contextlib.contextmanager
-    def _inject(self, keys_values, masks, position_ids) -> Iterator[None]:
-        """Add each connection's cross-attention output to the anchor stream after its anchor block (anchor
-        block -1: before block 0, onto the embeddings). An augment with nothing to attend to yet adds nothing."""
+    def _injections(self, keys_values, masks) -> dict[int, list]:
+        """Per anchor block, the (layer, keys, values, mask) of each connection whose cross-attention is added to
+        the stream after it (anchor block -1: before block 0, onto the embeddings). An augment with nothing to
+        attend to yet adds nothing."""
         by_block: dict[int, list] = {}
         for k, conns in enumerate(self.config.connections):
             if keys_values[k] is None:
                 continue
             for j, (_, b) in enumerate(conns):
                 by_block.setdefault(b, []).append((self.composition[k][j], *keys_values[k][j], masks[k]))
-
-        def updated(hidden, entries):
-            return hidden + sum(layer(hidden, keys, values, mask, position_ids)
-                                for layer, keys, values, mask in entries)
-
-        def inject(entries):
-            def hook(module, args, output):
-                return _replace_block_output(output, updated(_block_output(output), entries))
-            return hook
-
-        def inject_input(entries):
-            def hook(module, args, kwargs):
-                return _replace_block_input(args, kwargs, updated(_block_input(args, kwargs), entries))
-            return hook
-
-        handles = [self._anchor_blocks[b].register_forward_hook(inject(e)) for b, e in by_block.items() if b >= 0]
-        if -1 in by_block:
-            handles.append(self._anchor_blocks[0].register_forward_pre_hook(inject_input(by_block[-1]),
-                                                                            with_kwargs=True))
-        try:
-            yield
-        finally:
-            for handle in handles:
-                handle.remove()
+        return by_block
 
     # --------------------------------------------------------------- generation
 
