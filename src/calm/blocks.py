@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 from dataclasses import dataclass
 
 from torch import nn
@@ -112,3 +113,18 @@ def decoder_prefix(model: PreTrainedModel, depth: int) -> nn.Module:
     if norm is not None:
         prefix._modules[norm] = nn.Identity()
     return prefix
+
+
+def block_reads_its_mode(block: nn.Module) -> bool:
+    """Whether a block's own `forward` reads `self.training`, as OPT's and Falcon's do to apply dropout without a
+    dropout module; True when its source cannot be read."""
+    try:
+        return "self.training" in inspect.getsource(type(block).forward)
+    except (OSError, TypeError):
+        return True
+
+
+def dropout_probabilities(model: PreTrainedModel) -> dict[str, float]:
+    """The nonzero dropout probabilities of the model's (text) config, by name."""
+    return {name: value for name, value in _text_config(model).to_dict().items()
+            if "dropout" in name and isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0}

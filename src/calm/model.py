@@ -3,13 +3,13 @@ augmenting models, as a regular transformers `PreTrainedModel` with `generate()`
 
 from __future__ import annotations
 
-import contextlib
 import copy
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -21,105 +21,24 @@ from transformers import (
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .alignment import TokenizerAligner, same_tokenizer, tokenizer_fingerprint
-from .blocks import BaseInfo, base_info, decoder_blocks, decoder_prefix, next_input_norm
+from .blocks import (
+    BaseInfo,
+    base_info,
+    block_reads_its_mode,
+    decoder_blocks,
+    decoder_prefix,
+    dropout_probabilities,
+    next_input_norm,
+)
 from .cache import CALMCache
 from .config import AUGMENT_MODES, CALMConfig, resolve_connections, resolve_init
+from .hooks import InjectAfter, InjectBefore, PassState, TapAfter, TapBefore
 from .layers import CrossAttention
 from .serialization import load_composition, save_composition
 
 
 class TokenizerMismatchError(ValueError):
     """The models do not share a tokenizer, and the augment's was not given."""
-
-
-class _PassState:
-    """What the composition's persistent hooks read and write during one pass: `inject`, per anchor block, the
-    cross-attention layers with their keys, values and mask, and `positions`, the anchor's position ids (while
-    the anchor runs); `taps`, the augment states captured so far (while an augment runs). All None between
-    passes, so the hooks leave the base models alone when they run on their own.
-
-    The hooks hold this object, never the composition: a deep copy of a base model copies just this."""
-
-    def __init__(self) -> None:
-        self.inject: dict[int, list] | None = None
-        self.positions: torch.Tensor | None = None
-        self.taps: dict[int, torch.Tensor] | None = None
-
-    @contextlib.contextmanager
-    def injecting(self, inject: dict[int, list] | None, positions: torch.Tensor | None) -> Iterator[None]:
-        before = self.inject, self.positions
-        self.inject, self.positions = inject, positions
-        try:
-            yield
-        finally:
-            self.inject, self.positions = before
-
-    def updated(self, hidden: torch.Tensor, block: int) -> torch.Tensor | None:
-        """The anchor stream after anchor block `block` plus its connections' updates; None when it has none."""
-        entries = None if self.inject is None else self.inject.get(block)
-        if not entries:
-            return None
-        return hidden + sum(layer(hidden, keys, values, mask, self.positions) for layer, keys, values, mask in entries)
-
-
-class _InjectAfter:
-    """Forward hook of an anchor block: adds its connections' cross-attention to the block's output."""
-
-    def __init__(self, state: _PassState, block: int) -> None:
-        self.state, self.block = state, block
-
-    def __call__(self, module: nn.Module, args: tuple, output: Any) -> Any:
-        hidden = self.state.updated(_block_output(output), self.block)
-        return None if hidden is None else _replace_block_output(output, hidden)
-
-
-class _InjectBefore:
-    """Forward pre-hook (with kwargs) of anchor block 0: connections to anchor block -1 update its input."""
-
-    def __init__(self, state: _PassState) -> None:
-        self.state = state
-
-    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        hidden = self.state.updated(_block_input(args, kwargs), -1)
-        return None if hidden is None else _replace_block_input(args, kwargs, hidden)
-
-
-class _TapAfter:
-    """Forward hook of an augment block: keeps its output while the composition runs the augment."""
-
-    def __init__(self, state: _PassState, block: int) -> None:
-        self.state, self.block = state, block
-
-    def __call__(self, module: nn.Module, args: tuple, output: Any) -> None:
-        if self.state.taps is not None:
-            self.state.taps[self.block] = _block_output(output)
-
-
-class _TapBefore:
-    """Forward pre-hook (with kwargs) of augment block 0: keeps its input, the embeddings (tap -1)."""
-
-    def __init__(self, state: _PassState) -> None:
-        self.state = state
-
-    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        if self.state.taps is not None:
-            self.state.taps[-1] = _block_input(args, kwargs)
-
-
-def _block_output(output: Any) -> torch.Tensor:
-    return output if torch.is_tensor(output) else output[0]
-
-
-def _replace_block_output(output: Any, hidden: torch.Tensor) -> Any:
-    return hidden if torch.is_tensor(output) else (hidden, *output[1:])
-
-
-def _block_input(args: tuple, kwargs: dict) -> torch.Tensor:
-    return args[0] if args else kwargs["hidden_states"]
-
-
-def _replace_block_input(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple, dict]:
-    return ((hidden, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": hidden})
 
 
 def _record(info: BaseInfo, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None = None) -> dict:
@@ -141,6 +60,7 @@ class CALMForCausalLM(PreTrainedModel, GenerationMixin):
     config_class = CALMConfig
     base_model_prefix = "calm"
     main_input_name = "input_ids"
+    supports_gradient_checkpointing = True  # the anchor's blocks (see `_set_gradient_checkpointing`)
 
     def __init__(self, config: CALMConfig, anchor: PreTrainedModel, augments: Sequence[PreTrainedModel],
                  tokenizer: PreTrainedTokenizerBase | None = None,
@@ -184,7 +104,7 @@ class CALMForCausalLM(PreTrainedModel, GenerationMixin):
             base.eval()
         self.generation_config = self._own_generation_config(anchor, config)
         self.post_init()
-        self._state = _PassState()
+        self._state = PassState()
         self._hooks = self._install_hooks()  # last: a constructor that raises leaves no hook behind
 
     def _install_hooks(self) -> list:
@@ -194,13 +114,13 @@ class CALMForCausalLM(PreTrainedModel, GenerationMixin):
         state, hooks = self._state, []
         for b in sorted({b for conns in self.config.connections for _, b in conns}):
             if b >= 0:
-                hooks.append(self._anchor_blocks[b].register_forward_hook(_InjectAfter(state, b)))
+                hooks.append(self._anchor_blocks[b].register_forward_hook(InjectAfter(state, b)))
             else:
-                hooks.append(self._anchor_blocks[0].register_forward_pre_hook(_InjectBefore(state), with_kwargs=True))
+                hooks.append(self._anchor_blocks[0].register_forward_pre_hook(InjectBefore(state), with_kwargs=True))
         for blocks, conns, deepest in zip(self._augment_blocks, self.config.connections, self._deepest):
             for a in sorted({a for a, _ in conns} - {deepest}):
-                hooks.append(blocks[a].register_forward_hook(_TapAfter(state, a)) if a >= 0 else
-                             blocks[0].register_forward_pre_hook(_TapBefore(state), with_kwargs=True))
+                hooks.append(blocks[a].register_forward_hook(TapAfter(state, a)) if a >= 0 else
+                             blocks[0].register_forward_pre_hook(TapBefore(state), with_kwargs=True))
         return hooks
 
     def _remove_hooks(self) -> None:
@@ -249,10 +169,38 @@ class CALMForCausalLM(PreTrainedModel, GenerationMixin):
         """Composition layers initialise themselves; base models are never re-initialised."""
 
     def train(self, mode: bool = True) -> CALMForCausalLM:
-        """Only the composition layers switch mode; the frozen bases stay in eval mode (no dropout)."""
+        """Only the composition layers switch mode; the frozen bases stay in eval mode (no dropout), all but the
+        flags of the anchor's checkpointed blocks themselves (see `_set_gradient_checkpointing`)."""
         self.training = mode
         self.composition.train(mode)
+        self._set_checkpointed_block_modes()
         return self
+
+    def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func: Callable = checkpoint,
+                                    **kwargs: Any) -> None:
+        """Activation checkpointing as `gradient_checkpointing_enable()`, `activation_checkpointing_enable()` and
+        `TrainingArguments(gradient_checkpointing=True)` turn it on and off (transformers does the rest: its
+        arguments, `every_n_layers`, `offload`): of the anchor's blocks, the only ones that keep activations for
+        the backward pass (the augments run without gradients)."""
+        if enable:
+            rates = dropout_probabilities(self.anchor)
+            if rates and block_reads_its_mode(self._anchor_blocks[0]):
+                raise ValueError(
+                    f"activation checkpointing runs the anchor's blocks in training mode, and "
+                    f"{type(self._anchor_blocks[0]).__name__} applies dropout itself in training mode ({rates} in "
+                    "the anchor's config): the frozen anchor would train with dropout on. Load the anchor with "
+                    "those set to 0 to checkpoint it")
+        self.anchor._set_gradient_checkpointing(enable, self._state.replaying(gradient_checkpointing_func), **kwargs)
+        self._set_checkpointed_block_modes()
+
+    def _set_checkpointed_block_modes(self) -> None:
+        # transformers checkpoints a block only while the block module itself is in training mode (its
+        # GradientCheckpointingLayer reads its own `training`), and composing leaves the anchor in eval mode. So in
+        # training, each checkpointed anchor block's own flag is set, and never its submodules': their dropout
+        # layers, and the attention, whose attention dropout reads the attention module's flag, stay in eval mode.
+        # The anchor keeps computing the same function; the recompute in the backward pass matches the forward.
+        for block in self._anchor_blocks:
+            block.training = self.training and getattr(block, "gradient_checkpointing", False)
 
     # ------------------------------------------------------------------ forward
 
