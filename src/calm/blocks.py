@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import inspect
 from dataclasses import dataclass
 
 from torch import nn
@@ -57,6 +59,10 @@ def _named_decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     return name, blocks
 
 
+def _norm_name(where: nn.Module, names: tuple[str, ...]) -> str | None:
+    return next((child for child in names if isinstance(getattr(where, child, None), nn.Module)), None)
+
+
 def next_input_norm(model: PreTrainedModel, block: int) -> nn.Module:
     """The norm through which the model itself reads the residual stream after `block` (-1: the embeddings): the
     input norm of block `block + 1`, or the final norm after the last block."""
@@ -67,9 +73,9 @@ def next_input_norm(model: PreTrainedModel, block: int) -> nn.Module:
     else:
         where, names = model.get_submodule(name.rpartition(".")[0]), FINAL_NORM_NAMES
         what = f"the norm after the last block (a sibling of `{name}` named one of {FINAL_NORM_NAMES})"
-    for child in names:
-        if isinstance(getattr(where, child, None), nn.Module):
-            return getattr(where, child)
+    child = _norm_name(where, names)
+    if child is not None:
+        return getattr(where, child)
     raise ValueError(f"augment_norm='block' needs {type(model).__name__}'s {what}, and it has none: use "
                      "augment_norm=True (a plain RMS norm) for this model")
 
@@ -86,3 +92,39 @@ def base_info(model: PreTrainedModel) -> BaseInfo:
         vocab_size=int(config.vocab_size),
         num_heads=getattr(config, "num_attention_heads", None),
     )
+
+
+def decoder_prefix(model: PreTrainedModel, depth: int) -> nn.Module:
+    """The model's decoder (the module that holds its blocks) cut to its first `depth` blocks and without its
+    final norm, so that its first output is the residual stream after block `depth - 1` (the embeddings, as
+    block 0 reads them, for `depth=0`). Nothing after the last kept block runs.
+
+    A shallow copy: it shares every submodule and tensor with `model` (it is not registered anywhere, and
+    `model` is left as it is); only its list of blocks and its final norm are its own. Every decoder runs its
+    blocks as `for layer in self.layers[: config.num_hidden_layers]` or over all of `self.layers`, so a shorter
+    list is all it takes, with the rotary embeddings and masks computed as before."""
+    name, blocks = _named_decoder_blocks(model)
+    parent_name, _, list_name = name.rpartition(".")
+    decoder = model.get_submodule(parent_name)
+    prefix = copy.copy(decoder)
+    prefix._modules = dict(decoder._modules)  # its own children table: the swaps below leave `decoder` alone
+    prefix._modules[list_name] = nn.ModuleList(blocks[:depth])
+    norm = _norm_name(decoder, FINAL_NORM_NAMES)
+    if norm is not None:
+        prefix._modules[norm] = nn.Identity()
+    return prefix
+
+
+def block_reads_its_mode(block: nn.Module) -> bool:
+    """Whether a block's own `forward` reads `self.training`, as OPT's and Falcon's do to apply dropout without a
+    dropout module; True when its source cannot be read."""
+    try:
+        return "self.training" in inspect.getsource(type(block).forward)
+    except (OSError, TypeError):
+        return True
+
+
+def dropout_probabilities(model: PreTrainedModel) -> dict[str, float]:
+    """The nonzero dropout probabilities of the model's (text) config, by name."""
+    return {name: value for name, value in _text_config(model).to_dict().items()
+            if "dropout" in name and isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0}

@@ -3,15 +3,15 @@ augmenting models, as a regular transformers `PreTrainedModel` with `generate()`
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import os
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -23,9 +23,18 @@ from transformers import (
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .alignment import TokenizerAligner, same_tokenizer, tokenizer_fingerprint
-from .blocks import BaseInfo, base_info, decoder_blocks, next_input_norm
+from .blocks import (
+    BaseInfo,
+    base_info,
+    block_reads_its_mode,
+    decoder_blocks,
+    decoder_prefix,
+    dropout_probabilities,
+    next_input_norm,
+)
 from .cache import CALMCache
 from .config import AUGMENT_MODES, CALMConfig, composition_dtype_name, resolve_connections, resolve_init
+from .hooks import InjectAfter, InjectBefore, PassState, TapAfter, TapBefore
 from .layers import CrossAttention
 from .placement import connection_devices, execution_device
 from .serialization import load_composition, load_state, save_pretrained
@@ -33,26 +42,6 @@ from .serialization import load_composition, load_state, save_pretrained
 
 class TokenizerMismatchError(ValueError):
     """The models do not share a tokenizer, and the augment's was not given."""
-
-
-class _StopAugment(Exception):
-    """Raised after an augment's deepest tapped block: its later blocks, norm and LM head are never run."""
-
-
-def _block_output(output: Any) -> torch.Tensor:
-    return output if torch.is_tensor(output) else output[0]
-
-
-def _replace_block_output(output: Any, hidden: torch.Tensor) -> Any:
-    return hidden if torch.is_tensor(output) else (hidden, *output[1:])
-
-
-def _block_input(args: tuple, kwargs: dict) -> torch.Tensor:
-    return args[0] if args else kwargs["hidden_states"]
-
-
-def _replace_block_input(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple, dict]:
-    return ((hidden, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": hidden})
 
 
 def _record(info: BaseInfo, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None = None) -> dict:
@@ -74,6 +63,7 @@ class CALMForCausalLM(PreTrainedModel, GenerationMixin):
     config_class = CALMConfig
     base_model_prefix = "calm"
     main_input_name = "input_ids"
+    supports_gradient_checkpointing = True  # the anchor's blocks (see `_set_gradient_checkpointing`)
 
     def __init__(self, config: CALMConfig, anchor: PreTrainedModel, augments: Sequence[PreTrainedModel],
                  tokenizer: PreTrainedTokenizerBase | None = None,
@@ -112,11 +102,39 @@ class CALMForCausalLM(PreTrainedModel, GenerationMixin):
         self._tap_norms = tuple(
             {a: next_input_norm(augment, a) for a, _ in conns} if config.augment_norm == "block" else {}
             for augment, conns in zip(augments, config.connections))
+        # Each augment runs as its decoder cut after its deepest tapped block: nothing after it ever runs, and
+        # the cut decoder's output is that block's output (the embeddings for tap -1).
+        self._deepest = tuple(max(a for a, _ in conns) for conns in config.connections)
+        self._augment_prefixes = tuple(decoder_prefix(a, d + 1) for a, d in zip(augments, self._deepest))
         for base in (anchor, *augments):
             base.requires_grad_(False)
             base.eval()
         self.generation_config = self._own_generation_config(anchor, config)
         self.post_init()
+        self._state = PassState()
+        self._hooks = self._install_hooks()  # last: a constructor that raises leaves no hook behind
+
+    def _install_hooks(self) -> list:
+        """The hooks that join the models, installed once, inert outside the composition's own passes: after each
+        anchor block with connections (before block 0 for anchor block -1), and at each augment tap above the
+        deepest (whose state is the cut decoder's output)."""
+        state, hooks = self._state, []
+        for b in sorted({b for conns in self.config.connections for _, b in conns}):
+            if b >= 0:
+                hooks.append(self._anchor_blocks[b].register_forward_hook(InjectAfter(state, b)))
+            else:
+                hooks.append(self._anchor_blocks[0].register_forward_pre_hook(InjectBefore(state), with_kwargs=True))
+        for blocks, conns, deepest in zip(self._augment_blocks, self.config.connections, self._deepest):
+            for a in sorted({a for a, _ in conns} - {deepest}):
+                hooks.append(blocks[a].register_forward_hook(TapAfter(state, a)) if a >= 0 else
+                             blocks[0].register_forward_pre_hook(TapBefore(state), with_kwargs=True))
+        return hooks
+
+    def _remove_hooks(self) -> None:
+        """Take the composition's hooks off the base models (a load that fails after building the model)."""
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
 
     @staticmethod
     def _own_generation_config(anchor: PreTrainedModel, config: CALMConfig) -> GenerationConfig:
@@ -158,10 +176,38 @@ class CALMForCausalLM(PreTrainedModel, GenerationMixin):
         """Composition layers initialise themselves; base models are never re-initialised."""
 
     def train(self, mode: bool = True) -> CALMForCausalLM:
-        """Only the composition layers switch mode; the frozen bases stay in eval mode (no dropout)."""
+        """Only the composition layers switch mode; the frozen bases stay in eval mode (no dropout), all but the
+        flags of the anchor's checkpointed blocks themselves (see `_set_gradient_checkpointing`)."""
         self.training = mode
         self.composition.train(mode)
+        self._set_checkpointed_block_modes()
         return self
+
+    def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func: Callable = checkpoint,
+                                    **kwargs: Any) -> None:
+        """Activation checkpointing as `gradient_checkpointing_enable()`, `activation_checkpointing_enable()` and
+        `TrainingArguments(gradient_checkpointing=True)` turn it on and off (transformers does the rest: its
+        arguments, `every_n_layers`, `offload`): of the anchor's blocks, the only ones that keep activations for
+        the backward pass (the augments run without gradients)."""
+        if enable:
+            rates = dropout_probabilities(self.anchor)
+            if rates and block_reads_its_mode(self._anchor_blocks[0]):
+                raise ValueError(
+                    f"activation checkpointing runs the anchor's blocks in training mode, and "
+                    f"{type(self._anchor_blocks[0]).__name__} applies dropout itself in training mode ({rates} in "
+                    "the anchor's config): the frozen anchor would train with dropout on. Load the anchor with "
+                    "those set to 0 to checkpoint it")
+        self.anchor._set_gradient_checkpointing(enable, self._state.replaying(gradient_checkpointing_func), **kwargs)
+        self._set_checkpointed_block_modes()
+
+    def _set_checkpointed_block_modes(self) -> None:
+        # transformers checkpoints a block only while the block module itself is in training mode (its
+        # GradientCheckpointingLayer reads its own `training`), and composing leaves the anchor in eval mode. So in
+        # training, each checkpointed anchor block's own flag is set, and never its submodules': their dropout
+        # layers, and the attention, whose attention dropout reads the attention module's flag, stay in eval mode.
+        # The anchor keeps computing the same function; the recompute in the backward pass matches the forward.
+        for block in self._anchor_blocks:
+            block.training = self.training and getattr(block, "gradient_checkpointing", False)
 
     # ------------------------------------------------------------------ forward
 
@@ -211,7 +257,7 @@ class CALMForCausalLM(PreTrainedModel, GenerationMixin):
         keys_values, masks = self._augment_keys_values(
             input_ids, attention_mask, position_ids, cache, past, mode, augment_length, augment_states, augment_inputs
         )
-        with self._inject(keys_values, masks, position_ids):
+        with self._state.injecting(self._injections(keys_values, masks), position_ids):
             out = self.anchor(
                 input_ids=None if inputs_embeds is not None else input_ids, inputs_embeds=inputs_embeds,
                 attention_mask=attention_mask, position_ids=position_ids,
@@ -360,46 +406,29 @@ class CALMForCausalLM(PreTrainedModel, GenerationMixin):
     @torch.no_grad()
     def _run_augment(self, k: int, input_ids, attention_mask, position_ids, cache) -> dict[int, torch.Tensor]:
         """Hidden states after each tapped block of augment k (tap -1: the input of block 0, i.e. the
-        embeddings), stopping after the deepest one."""
-        taps = sorted({a for a, _ in self.config.connections[k]})
-        blocks = self._augment_blocks[k]
-        states: dict[int, torch.Tensor] = {}
-
-        def capture(index: int):
-            def hook(module, args, output):
-                states[index] = _block_output(output)
-                if index == taps[-1]:
-                    raise _StopAugment
-            return hook
-
-        def capture_input(module, args, kwargs):
-            states[-1] = _block_input(args, kwargs)
-            if taps[-1] == -1:
-                raise _StopAugment
-
-        handles = [blocks[i].register_forward_hook(capture(i)) for i in taps if i >= 0]
-        if taps[0] == -1:
-            handles.append(blocks[0].register_forward_pre_hook(capture_input, with_kwargs=True))
-        device = _input_device(self.augments[k])
+        embeddings): its decoder runs up to its deepest tapped block, and nothing after it."""
+        taps: dict[int, torch.Tensor] = {}
+        self._state.taps = taps
         try:
-            self.augments[k](input_ids=input_ids.to(device), position_ids=position_ids.to(device),
-                             attention_mask=None if attention_mask is None else attention_mask.to(device),
-                             cache=cache, use_cache=cache is not None)
-        except _StopAugment:
-            pass
+            device = _input_device(self.augments[k])
+            out = self._augment_prefixes[k](
+                input_ids=input_ids.to(device), position_ids=position_ids.to(device),
+                attention_mask=None if attention_mask is None else attention_mask.to(device),
+                cache=cache, use_cache=cache is not None)
         finally:
-            for handle in handles:
-                handle.remove()
+            self._state.taps = None
+        taps[self._deepest[k]] = out[0]
         norms = self._tap_norms[k]
-        return {a: norms[a](h) if a in norms else h for a, h in states.items()}
+        return {a: norms[a](h) if a in norms else h for a, h in taps.items()}
 
     @staticmethod
     def _cross_mask(attention_mask, past, length, num_keys, augment_length, device) -> torch.Tensor | str | None:
         """(B, 1, T, S) True where anchor query t may see augment position s: s <= t, s not padding, and s in
-        the prompt when `augment_length` is per example. Without padding the fast SDPA paths serve instead:
-        "causal" for a square causal mask, None when every key precedes every query (decoding)."""
+        the prompt when `augment_length` is per example. Without an attention mask the fast SDPA paths serve
+        instead: "causal" for a square causal mask, None when every key precedes every query (decoding). With one,
+        the mask is always built: asking whether it has padding would wait for the device every pass."""
         per_example = torch.is_tensor(augment_length)
-        if not per_example and (attention_mask is None or bool(attention_mask.all())):
+        if not per_example and attention_mask is None:
             if num_keys <= past + 1:
                 return None
             if past == 0 and num_keys == length:
@@ -413,40 +442,17 @@ class CALMForCausalLM(PreTrainedModel, GenerationMixin):
             mask = mask & (key_pos < augment_length.to(device)[:, None])[:, None, None, :]
         return mask
 
-    @contextlib.contextmanager
-    def _inject(self, keys_values, masks, position_ids) -> Iterator[None]:
-        """Add each connection's cross-attention output to the anchor stream after its anchor block (anchor
-        block -1: before block 0, onto the embeddings). An augment with nothing to attend to yet adds nothing."""
+    def _injections(self, keys_values, masks) -> dict[int, list]:
+        """Per anchor block, the (layer, keys, values, mask) of each connection whose cross-attention is added to
+        the stream after it (anchor block -1: before block 0, onto the embeddings). An augment with nothing to
+        attend to yet adds nothing."""
         by_block: dict[int, list] = {}
         for k, conns in enumerate(self.config.connections):
             if keys_values[k] is None:
                 continue
             for j, (_, b) in enumerate(conns):
                 by_block.setdefault(b, []).append((self.composition[k][j], *keys_values[k][j], masks[k]))
-
-        def updated(hidden, entries):
-            return hidden + sum(layer(hidden, keys, values, mask, position_ids)
-                                for layer, keys, values, mask in entries)
-
-        def inject(entries):
-            def hook(module, args, output):
-                return _replace_block_output(output, updated(_block_output(output), entries))
-            return hook
-
-        def inject_input(entries):
-            def hook(module, args, kwargs):
-                return _replace_block_input(args, kwargs, updated(_block_input(args, kwargs), entries))
-            return hook
-
-        handles = [self._anchor_blocks[b].register_forward_hook(inject(e)) for b, e in by_block.items() if b >= 0]
-        if -1 in by_block:
-            handles.append(self._anchor_blocks[0].register_forward_pre_hook(inject_input(by_block[-1]),
-                                                                            with_kwargs=True))
-        try:
-            yield
-        finally:
-            for handle in handles:
-                handle.remove()
+        return by_block
 
     # --------------------------------------------------------------- generation
 

@@ -318,7 +318,11 @@ def load_composition(cls: type[Model], path: str | os.PathLike, anchor: Base = N
         check_base(record, model, f"augments[{i}]")
     with _restore_modes_on_error([anchor, *augments]):  # building the composition freezes the bases
         model = cls(config, anchor, augments, tokenizer, augment_tokenizers)
-        load_checked(model.composition, weights, weights_file(directory) or directory / WEIGHTS_NAME)
+        try:
+            load_checked(model.composition, weights, weights_file(directory) or directory / WEIGHTS_NAME)
+        except BaseException:
+            model._remove_hooks()  # and takes its hooks off them
+            raise
     return model
 
 

@@ -23,9 +23,11 @@ from calm.train import CheckpointError, train
 
 
 def snapshot(*models: torch.nn.Module) -> list:
-    """Everything loading may not change on a failure: weights, requires_grad and train/eval modes."""
+    """Everything loading may not change on a failure: weights, requires_grad, train/eval modes and hooks (a
+    composition installs its own on the bases)."""
     return [([(n, p.detach().clone(), p.requires_grad) for n, p in m.named_parameters()],
-             [mod.training for mod in m.modules()]) for m in models]
+             [(mod.training, len(mod._forward_hooks), len(mod._forward_pre_hooks)) for mod in m.modules()])
+            for m in models]
 
 
 def assert_unchanged(before: list, *models: torch.nn.Module) -> None:
@@ -33,7 +35,8 @@ def assert_unchanged(before: list, *models: torch.nn.Module) -> None:
         now = dict(model.named_parameters())
         for name, value, grad in params:
             assert torch.equal(now[name], value) and now[name].requires_grad == grad, name
-        assert [mod.training for mod in model.modules()] == modes
+        assert [(mod.training, len(mod._forward_hooks), len(mod._forward_pre_hooks))
+                for mod in model.modules()] == modes
 
 
 @pytest.fixture
