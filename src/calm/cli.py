@@ -22,6 +22,7 @@ from transformers import set_seed
 from .config import COMPOSITION_DTYPES, DEPRECATED_INITS, INITS, OPTIONS, PRESETS
 from .data import ExampleSet, load_examples, load_prompts
 from .eval import MATCH_MODES
+from .extras import require
 from .formats import RUN_RECORD, read_version, upgrade_options
 from .train import CHECKPOINTS_DIR, TrainConfig, TrainResult, check_run_dir, data_limits, prepare_dataset, train
 from .train.checkpoints import TRAINER_STATE_FILE
@@ -418,7 +419,6 @@ def cmd_info(args: argparse.Namespace) -> None:
     import platform
 
     import accelerate
-    import peft
     import safetensors
     import tokenizers
     import torch
@@ -429,10 +429,19 @@ def cmd_info(args: argparse.Namespace) -> None:
     device = "cuda: " + torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     rows = [("calm", calm.__version__), ("python", platform.python_version()), ("torch", torch.__version__),
             ("transformers", transformers.__version__), ("accelerate", accelerate.__version__),
-            ("peft", peft.__version__), ("safetensors", safetensors.__version__),
+            ("peft", _version_or_missing("peft")), ("safetensors", safetensors.__version__),
             ("tokenizers", tokenizers.__version__), ("device", device), ("cpu threads", str(torch.get_num_threads()))]
     for name, value in rows:
         print(f"{name:<14}{value}")
+
+
+def _version_or_missing(package: str) -> str:
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
 
 
 def cmd_compose(args: argparse.Namespace) -> None:
@@ -701,6 +710,10 @@ TRANSLATION_ONLY = ("language", "anchor", "augment", "eval_split", "eval_size", 
 def cmd_reproduce(args: argparse.Namespace) -> None:
     # A scratch directory by default, so that a run never overwrites the committed results/ by accident.
     args.output_dir = args.output_dir or Path("runs") / args.experiment.replace("-", "_")
+    try:
+        require("peft", "matplotlib", needed_by="calm reproduce")
+    except ImportError as e:
+        raise UserError(str(e)) from None
     if args.experiment == "translation":
         if args.ablations:
             raise UserError("--ablations is for kv-arithmetic: the translation reproduction always runs every row")

@@ -28,6 +28,7 @@ from ..data import (
     pad_token_id,
     tokenize,
 )
+from ..extras import missing
 from ..formats import RUN_RECORD, format_tag
 from ..model import CALMForCausalLM
 from .augment_cache import AugmentStateCache, RefreshAugmentCache, new_augment_cache
@@ -105,7 +106,10 @@ def train(model: nn.Module, tokenizer: PreTrainedTokenizerBase, train_data: Data
     _save_final_model(trainer, run_dir)  # before the final evaluation: a failure there loses nothing
     eval_metrics = _final_evaluation(trainer) if eval_set is not None else {}
     if args.should_save and config.plot:
-        plot_loss(run_dir / METRICS_FILE, run_dir / PLOT_FILE)
+        if note := missing("matplotlib", needed_by=f"{PLOT_FILE} (plot=True)", extra="plot"):
+            logger.warning(f"{note}; the losses are in {METRICS_FILE}")
+        else:
+            plot_loss(run_dir / METRICS_FILE, run_dir / PLOT_FILE)
     return _result(trainer, output.metrics, eval_metrics, epoch_timer, resume_from, cache)
 
 
