@@ -379,3 +379,11 @@ def test_entry_point_checks_data_before_loading_any_model(tmp_path):
                     "--eval-data", str(tmp_path / "bad.jsonl"), "--output-dir", str(tmp_path / "run")])
     with pytest.raises(ValueError, match=r"TrainConfig\.batch_size=0"):
         train_main([*flags, "--batch-size", "0"])
+
+
+def test_report_to_is_the_users_choice(tmp_path):
+    from calm.train.options import training_arguments
+
+    assert training_arguments(TrainConfig(), tmp_path, has_eval=False).report_to == []
+    with pytest.raises(ValueError, match=r"TrainConfig.report_to names \['no_such_tracker'\]"):
+        training_arguments(TrainConfig(report_to="no_such_tracker"), tmp_path, has_eval=False)

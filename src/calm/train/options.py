@@ -75,6 +75,8 @@ class TrainConfig:
     deepspeed: str = _option("", "train with DeepSpeed using this JSON config (docs/training.md); '': off")
     progress_bar: bool = _option(True, "show a progress bar with loss, learning rate and tokens/s")
     tensorboard: bool = _option(True, "also log to TensorBoard when it is installed (else skipped quietly)")
+    report_to: str = _option("", "also report to these transformers integrations, comma-separated (e.g. "
+                             "'wandb,mlflow'; each must be installed); '': none beyond metrics.jsonl and tensorboard")
     plot: bool = _option(True, "write loss.png (the training and eval loss curves) at the end")
 
     def __post_init__(self) -> None:
@@ -200,8 +202,20 @@ def training_arguments(config: TrainConfig, checkpoints_dir: Path, has_eval: boo
         fsdp_config=config.fsdp_config or None,
         deepspeed=config.deepspeed or None,
         disable_tqdm=not config.progress_bar,
-        report_to="none",  # TensorBoard is added explicitly (when installed); nothing else reports
+        # The run's own TensorBoard logger is added explicitly (when installed); others only when asked for.
+        report_to=_integrations(config.report_to),
     )
+
+
+def _integrations(report_to: str) -> list[str] | str:
+    """TrainConfig.report_to as TrainingArguments takes it; an unknown or uninstalled integration is refused."""
+    from transformers.integrations import get_available_reporting_integrations
+
+    names = [name.strip() for name in report_to.split(",") if name.strip()]
+    if unavailable := [name for name in names if name not in get_available_reporting_integrations()]:
+        raise ValueError(f"TrainConfig.report_to names {unavailable}, which transformers cannot report to here "
+                         f"(installed integrations: {get_available_reporting_integrations() or 'none'})")
+    return names or "none"
 
 
 def _precision(precision: str) -> tuple[bool, bool]:
