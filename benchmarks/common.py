@@ -8,9 +8,11 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import re
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import transformers as tf
@@ -277,3 +279,20 @@ def machine() -> str:
     load = f", load average {os.getloadavg()[0]:.1f} at start" if hasattr(os, "getloadavg") else ""
     return (f"{cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, {clock} clock{load}; "
             f"torch {torch.__version__}, transformers {tf.__version__}, Python {platform.python_version()}")
+
+
+# ----------------------------------------------------------------------------------------- BENCHMARKS.md
+
+PAGE = Path(__file__).resolve().parent.parent / "BENCHMARKS.md"
+# A section a benchmark run on its own writes; report.py keeps it when it re-renders the page.
+MARKED = re.compile(r"<!-- (\w+): written by benchmarks/[\w.]+ -->.*?<!-- /\1 -->", re.S)
+
+
+def write_marked_section(name: str, script: str, lines: list[str]) -> None:
+    """Put `lines` into BENCHMARKS.md between the markers of section `name` (written by benchmarks/`script`):
+    in place of its earlier version, or at the end of the page; the rest of the page is untouched."""
+    block = "\n".join([f"<!-- {name}: written by benchmarks/{script} -->", *lines, f"<!-- /{name} -->"])
+    text = PAGE.read_text()
+    old = next((m for m in MARKED.finditer(text) if m.group(1) == name), None)
+    text = text[:old.start()] + block + text[old.end():] if old else text.rstrip("\n") + "\n\n" + block + "\n"
+    PAGE.write_text(text)

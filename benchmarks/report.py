@@ -8,10 +8,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from common import describe
+from common import MARKED, PAGE, describe
 
 HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
 
 # (label, section, key path in results, comparison, target); judged on the small pair
 TARGETS = [
@@ -501,13 +500,13 @@ def real_models(results: dict) -> list[str]:
 
 def write_page(results: dict) -> None:
     """BENCHMARKS.md: `render`, then §8 (written by benchmarks/serving.py between its markers) kept as it is,
-    then §9 when results.json has it."""
-    page = ROOT / "BENCHMARKS.md"
-    old = page.read_text() if page.is_file() else ""
-    start, end = old.find("<!-- serving:"), old.find("<!-- /serving -->")
-    kept = "\n" + old[start : end + len("<!-- /serving -->")] + "\n" if 0 <= start < end else ""
+    then §9 when results.json has it, then the other sections benchmarks run on their own wrote (§10 on)."""
+    old = PAGE.read_text() if PAGE.is_file() else ""
+    kept = {m.group(1): "\n" + m.group(0) + "\n" for m in MARKED.finditer(old)}
     extra = "\n" + "\n".join(real_models(results)) if "real_models" in results else ""
-    page.write_text(render(results) + kept + extra)
+    rest = "".join(block for name, block in kept.items() if name != "serving")
+    page = render(results) + kept.get("serving", "") + extra
+    PAGE.write_text(page + rest)
 
 
 def main() -> None:

@@ -16,15 +16,13 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-import re
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import common
 import openai
-from common import machine, pair, parse, parser
+from common import machine, pair, parse, parser, write_marked_section
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
@@ -32,7 +30,6 @@ import calm
 from calm.serve import Engine, create_app, serve_in_thread
 
 NAME = "bench"
-BEGIN, END = "<!-- serving: written by benchmarks/serving.py -->", "<!-- /serving -->"
 
 
 def word_tokenizer(vocab: int) -> PreTrainedTokenizerFast:
@@ -121,17 +118,16 @@ def main(argv: list[str] | None = None) -> dict:
               "errors_or_wrong": sum(x["wrong"] for x in rounds), "rounds": rounds}
     print(json.dumps(result, indent=2))
     if args.write:
-        write_section(result, sys.argv[1:] if argv is None else argv)
+        write_marked_section("serving", "serving.py", section(result, sys.argv[1:] if argv is None else argv))
     return result
 
 
-def section(result: dict, argv: list[str] | None) -> str:
+def section(result: dict, argv: list[str] | None) -> list[str]:
     rounds = result["rounds"]
     med = {k: statistics.median(x[k] for x in rounds) for k in rounds[0]}
     command = " ".join(["python benchmarks/serving.py", *(argv or [])]).replace(" --write", "")
     total = result["clients"] * result["requests_per_client"]
-    lines = [
-        BEGIN,
+    return [
         "## 8. Serving: 16 concurrent clients against sequential requests (issue 30)",
         "",
         f"`calm serve`'s engine and HTTP API on 127.0.0.1, on the {result['pair']} pair (composed with `every=2`, as "
@@ -159,17 +155,7 @@ def section(result: dict, argv: list[str] | None) -> str:
         "Requests that arrive while a batch decodes wait for it to end and are then decoded together (they do not "
         "join a running batch), so a request's latency grows with the batch it joins; throughput grows because "
         "one decoding step over a batch costs far less than a step per request.",
-        END,
     ]
-    return "\n".join(lines) + "\n"
-
-
-def write_section(result: dict, argv: list[str] | None) -> None:
-    """Put the section at the end of BENCHMARKS.md, replacing an earlier one; the rest of the file is untouched."""
-    path = Path(__file__).resolve().parent.parent / "BENCHMARKS.md"
-    text = path.read_text()
-    text = re.sub(re.escape(BEGIN) + r".*?" + re.escape(END) + r"\n?", "", text, flags=re.S).rstrip("\n")
-    path.write_text(text + "\n\n" + section(result, argv))
 
 
 if __name__ == "__main__":

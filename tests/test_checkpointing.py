@@ -10,10 +10,12 @@ import torch
 import transformers as tf
 from conftest import VOCAB, randomize, tiny
 from torch import nn
+from train_worker import char_tokenizer, sum_examples
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 import calm
 from calm.blocks import decoder_blocks
+from calm.train import TrainConfig, train
 
 
 def composed(anchor: tf.PreTrainedModel | None = None) -> calm.CALMForCausalLM:
@@ -139,3 +141,14 @@ def test_a_trainer_step_with_gradient_checkpointing(tmp_path):
     assert all(b.gradient_checkpointing for b in decoder_blocks(model.anchor))
     assert len(mlp_calls) == 4  # two steps, each block run twice
     assert all(not torch.equal(p, q) for p, q in zip(model.composition.parameters(), before) if p.requires_grad)
+
+
+def test_calm_train_keeps_checkpointing_turned_on_beforehand(tmp_path):
+    model = composed()
+    model.activation_checkpointing_enable()
+    mlp_calls = count_calls(decoder_blocks(model.anchor)[2].mlp)
+    config = TrainConfig(output_dir=str(tmp_path / "run"), batch_size=4, max_steps=2, save_steps=0,
+                         progress_bar=False, plot=False, exact_match=False)
+    result = train(model, char_tokenizer(), sum_examples(8), config=config)
+    assert result.global_step == 2 and result.train_loss == result.train_loss  # not NaN
+    assert len(mlp_calls) == 4  # two steps, each block run twice
