@@ -96,8 +96,8 @@ def base_info(model: PreTrainedModel) -> BaseInfo:
 
 def decoder_prefix(model: PreTrainedModel, depth: int) -> nn.Module:
     """The model's decoder (the module that holds its blocks) cut to its first `depth` blocks and without its
-    final norm, so that its first output is the residual stream after block `depth - 1` (the embeddings, as
-    block 0 reads them, for `depth=0`). Nothing after the last kept block runs.
+    final norm (its child named one of `FINAL_NORM_NAMES`), so that its first output is the residual stream after
+    block `depth - 1` (the embeddings, as block 0 reads them, for `depth=0`). Nothing after that block runs.
 
     A shallow copy: it shares every submodule and tensor with `model` (it is not registered anywhere, and
     `model` is left as it is); only its list of blocks and its final norm are its own. Every decoder runs its
@@ -108,6 +108,10 @@ def decoder_prefix(model: PreTrainedModel, depth: int) -> nn.Module:
     decoder = model.get_submodule(parent_name)
     prefix = copy.copy(decoder)
     prefix._modules = dict(decoder._modules)  # its own children table: the swaps below leave `decoder` alone
+    # An accelerate hook on the decoder itself (device_map={"model": ...}) replaced its `forward` with one bound to
+    # the decoder, which would run every block: the copy keeps its class's own (its caller places the inputs).
+    for attribute in ("forward", "_old_forward", "_hf_hook"):
+        prefix.__dict__.pop(attribute, None)
     prefix._modules[list_name] = nn.ModuleList(blocks[:depth])
     norm = _norm_name(decoder, FINAL_NORM_NAMES)
     if norm is not None:
