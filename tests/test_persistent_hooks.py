@@ -8,6 +8,7 @@ import copy
 import pytest
 import torch
 import torch._dynamo
+from accelerate.hooks import AlignDevicesHook, add_hook_to_module
 from conftest import ARCHS, VOCAB, randomize, tiny
 
 import calm
@@ -83,3 +84,20 @@ def test_a_deep_copy_is_joined_by_its_own_hooks(pair):
         assert torch.equal(twin(input_ids=x).logits, expected)
         assert torch.equal(model(input_ids=x).logits, model.anchor(input_ids=x).logits)
 
+
+
+def test_an_accelerate_hook_on_the_augments_decoder_does_not_run_it_to_the_end():
+    """A device_map that places the decoder as one piece hooks the decoder itself, replacing its `forward` with
+    one bound to it: the cut copy must still run only its own blocks."""
+    augment = tiny("qwen2", 16, 6, 2, seed=1)
+    add_hook_to_module(augment.model, AlignDevicesHook(execution_device="cpu"))
+    model = calm.compose(tiny("llama", 32, 4, 4, seed=0), augment, connections=[(1, 1), (3, 3)], augment_norm=False)
+    calls: list[int] = []
+    for i, block in enumerate(calm.blocks.decoder_blocks(augment)):
+        block.register_forward_hook(lambda *args, i=i: calls.append(i))
+    x = ids()
+    states = model.compute_augment_states(x)[0]
+    assert calls == [0, 1, 2, 3]
+    with torch.no_grad():
+        hidden = augment(input_ids=x, output_hidden_states=True).hidden_states
+    assert torch.equal(states[3], hidden[4]) and torch.equal(states[1], hidden[2])
