@@ -61,7 +61,7 @@ def connection_devices(connections: Sequence[Sequence[Sequence[int]]],
         # A skeleton (every base made under init_empty_weights): composing it runs every check and loads nothing.
         return [[torch.device("meta")] * len(conns) for conns in connections]
     anchor = [_one_device(device, f"anchor block {i}") for i, device in enumerate(anchor_blocks)]
-    for k, conns in enumerate(connections):
-        for i in range(max(max(a, 0) for a, _ in conns) + 1):
-            _one_device(augment_blocks[k][i], f"augment {k}'s block {i}")
+    for k, blocks in enumerate(tapped):
+        for i, device in enumerate(blocks):
+            _one_device(device, f"augment {k}'s block {i}")
     return [[anchor[max(b, 0)] for _, b in conns] for conns in connections]

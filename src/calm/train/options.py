@@ -212,9 +212,10 @@ def _integrations(report_to: str) -> list[str] | str:
     from transformers.integrations import get_available_reporting_integrations
 
     names = [name.strip() for name in report_to.split(",") if name.strip()]
-    if unavailable := [name for name in names if name not in get_available_reporting_integrations()]:
+    available = get_available_reporting_integrations() if names else []
+    if unavailable := [name for name in names if name not in available]:
         raise ValueError(f"TrainConfig.report_to names {unavailable}, which transformers cannot report to here "
-                         f"(installed integrations: {get_available_reporting_integrations() or 'none'})")
+                         f"(installed integrations: {available or 'none'})")
     return names or "none"
 
 
