@@ -10,6 +10,7 @@ import sys
 
 import pytest
 import sacrebleu
+import torch
 
 from calm.experiments import translation as exp
 from calm.tasks import translation as task
@@ -154,23 +155,57 @@ def test_report_and_summary(tmp_path):
     summary = exp.summarize(tmp_path / "all", runs)
     assert "| CALM | 42.0 ± 2.8 |" in summary and "1.010 ± 0.000" in summary
     few_shot = exp.scores(["He went.", "They went.", "Peter said."], fake_result(0, 0).references)["chrF"]
-    assert f"| m_B, few-shot | {few_shot:.1f} ± 0.0 |" in summary
+    assert f"| m_B, few-shot | {few_shot:.1f} | " in summary  # one seed has it: its value, no std
+    assert "| CALM | 40.0 | 44.0 |" in summary  # chrF by seed
     with pytest.raises(FileNotFoundError, match="no results.json"):
         exp.summarize(tmp_path, [tmp_path / "missing"])
 
 
 def test_summary_merges_rows_of_one_seed_run_side_by_side(tmp_path):
     calm_run, lora_run, again = tmp_path / "calm", tmp_path / "lora", tmp_path / "again"
+    verses = [exp.task.Pair(f"Acts 1:{i}", "Acts", "джерело", "ref") for i in range(1, 4)]
     for run, rows in ((calm_run, {"CALM"}), (lora_run, {"m_B, few-shot"}), (again, {"CALM"})):
         run.mkdir()
         result = fake_result(0, 40.0 if run != again else 30.0)
         result.table = {k: v for k, v in result.table.items() if k in rows}
         result.outputs = {k: v for k, v in result.outputs.items() if k in rows}
+        result.runs = {k: v for k, v in result.runs.items() if k in rows}
+        result.examples = exp.example_rows(result, verses, 2)
         exp.write_report(run, result)
+    (calm_run / "runs" / "calm").mkdir(parents=True)
+    (calm_run / "runs" / "calm" / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n')
     summary = exp.summarize(tmp_path / "all", [calm_run, lora_run])
-    assert "seeds [0]" in summary and "| CALM | 40.0 ± 0.0 |" in summary and "| m_B, few-shot |" in summary
+    assert "seeds [0]" in summary and "| CALM | 40.0 |" in summary and "| m_B, few-shot |" in summary
+    # The seed's own report holds every row of both runs, their examples side by side, and CALM's curve.
+    seed = tmp_path / "all" / "seed0"
+    merged = json.loads((seed / "results.json").read_text())
+    assert set(merged["table"]) == set(merged["outputs"]) == {"CALM", "m_B, few-shot"}
+    assert all({"CALM", "m_B, few-shot"} <= set(e) for e in merged["examples"])
+    assert "| m_B, few-shot | CALM |" in (seed / "results.md").read_text()
+    assert (seed / "learning_curves.png").is_file() and (seed / "chrf_by_length.png").is_file()
     with pytest.raises(ValueError, match=r"rows \['CALM'\] of seed 0"):
         exp.summarize(tmp_path / "all", [calm_run, again])
+
+
+def test_report_says_where_it_ran():
+    settings = {"torch_threads": 2, "machine": "x86_64, torch 2.13.0"}
+    assert exp.where(settings) == "2 CPU thread(s)"
+    gpu = {"torch_threads": 1, "device": "cuda", "machine": "x86_64, torch 2.11.0+cu130, NVIDIA H200"}
+    assert exp.where(gpu) == "a GPU (NVIDIA H200)"
+
+
+def test_cli_device_flag(capsys):
+    from calm.cli import build_parser, main
+
+    args = build_parser().parse_args(["reproduce", "translation", "--device", "cuda:1"])
+    assert args.device == "cuda:1"
+    if not torch.cuda.is_available():
+        assert main(["reproduce", "translation", "--device", "cuda", "--output-dir", "unused"]) != 0
+        assert "--device cuda: there is no CUDA device here" in capsys.readouterr().err
+    assert main(["reproduce", "translation", "--device", "gpu0", "--output-dir", "unused"]) != 0
+    assert "--device 'gpu0' is invalid" in capsys.readouterr().err
+    assert main(["reproduce", "kv-arithmetic", "--device", "cpu"]) != 0
+    assert "--device: translation-only option(s)" in capsys.readouterr().err
 
 
 def test_length_buckets_split_evenly():
@@ -255,3 +290,25 @@ def test_spec_flags_and_rows(tmp_path):
             exp.spec_from_args(args)
     with pytest.raises(ValueError, match="unknown row"):
         exp.reproduce(tmp_path, exp.TranslationSpec(), rows=("CALM", "GPT-4"))
+
+
+def test_device_harness_replays_this_machines_prose(tmp_path, monkeypatch):
+    """research/translation_device/run.py: a run elsewhere reads the prose this machine dumped, not its own."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "research" / "translation_device" / "run.py"
+    spec = importlib.util.spec_from_file_location("translation_device_run", path)
+    harness = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(harness)
+    dump = tmp_path / "prose.json"
+    harness.dump(dump)
+    replay, test_prose = task.replay_prose(), task.english_prose("test")
+    snapshot = json.loads(dump.read_text())
+    snapshot["replay_prose"] = ["elsewhere " + p for p in snapshot["replay_prose"]]
+    dump.write_text(json.dumps(snapshot))
+    monkeypatch.setattr(task, "replay_prose", task.replay_prose)
+    monkeypatch.setattr(task, "english_prose", task.english_prose)
+    harness.use(dump)
+    assert task.replay_prose() == tuple("elsewhere " + p for p in replay)
+    assert task.english_prose("test") == test_prose and task.english_prose("test", 2) == test_prose[:2]

@@ -704,7 +704,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 
 TRANSLATION_ONLY = ("language", "anchor", "augment", "eval_split", "eval_size", "train_size", "steps", "trained_only",
-                    "rows", "spec")
+                    "rows", "spec", "device")
 
 
 def cmd_reproduce(args: argparse.Namespace) -> None:
@@ -717,6 +717,7 @@ def cmd_reproduce(args: argparse.Namespace) -> None:
     if args.experiment == "translation":
         if args.ablations:
             raise UserError("--ablations is for kv-arithmetic: the translation reproduction always runs every row")
+        args.device = str(resolve_device(args.device or "cpu"))
         from .experiments.translation import run_from_args
     else:
         from .experiments.kv_reproduce import run_from_args
@@ -834,6 +835,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help='run only these rows, by name (e.g. "CALM" "m_A, few-shot")')
     group.add_argument("--spec", nargs="+", default=None, metavar="FIELD=JSON",
                        help="change any TranslationSpec field, e.g. lr=0.003 'connections=[[3,22],[15,29]]'")
+    group.add_argument("--device", default=None,
+                       help="where the models run: cpu (the default), cuda, cuda:1, ... (training stays float32)")
     return parser
 
 

@@ -163,10 +163,10 @@ class Bases:
     augment_tokenizer: Any
 
 
-def load_bases(spec: TranslationSpec) -> Bases:
+def load_bases(spec: TranslationSpec, device: str = "cpu") -> Bases:
     anchor, augment = load_model(spec.anchor), load_model(spec.augment)
     for model in (anchor, augment):
-        model.requires_grad_(False)
+        model.requires_grad_(False).to(device)
     return Bases(anchor, augment, load_tokenizer(spec.anchor), load_tokenizer(spec.augment))
 
 
@@ -179,10 +179,10 @@ def compose(bases: Bases, spec: TranslationSpec, augment: PreTrainedModel | None
 
 
 def random_augment(augment: PreTrainedModel, seed: int) -> PreTrainedModel:
-    """m_A's architecture with fresh random weights (the paper's "random m_A" control)."""
+    """m_A's architecture with fresh random weights (the paper's "random m_A" control), on m_A's device."""
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(augment.config, dtype=torch.float32).eval()
-    return model.requires_grad_(False)
+    return model.requires_grad_(False).to(augment.device)
 
 
 def lora_model(anchor: PreTrainedModel, target_params: int) -> tuple[PreTrainedModel, int]:
@@ -202,10 +202,11 @@ def trainable_params(model: torch.nn.Module) -> int:
 def train_on_d_c(model: PreTrainedModel, tokenizer, data: Data, spec: TranslationSpec, out_dir: Path, lr: float,
                  seed: int) -> dict:
     """Train whatever in `model` requires grad on D_C; return its time, steps, loss and trainable parameters."""
+    # float32 on every device (no bf16 autocast on a GPU): a run on a GPU trains what the CPU recipe trains.
     config = TrainConfig(output_dir=str(out_dir), max_steps=spec.steps, batch_size=spec.batch_size,
                          learning_rate=lr, warmup_steps=0.05, save_steps=0, logging_steps=5, exact_match=False,
                          overwrite=True, seed=seed, max_length=spec.max_length, strict_length=True, plot=False,
-                         tensorboard=False)
+                         tensorboard=False, precision="fp32")
     examples = data.training_examples(spec.language)
     start = time.perf_counter()
     result = train(model, tokenizer, examples, config=config)
@@ -226,7 +227,7 @@ def translate(model, tokenizer, prompts: list[str], spec: TranslationSpec) -> li
     eos = tokenizer.eos_token_id
     for start in range(0, len(order), spec.eval_batch_size):
         batch_ids = order[start:start + spec.eval_batch_size]
-        batch = encode_prompts(tokenizer, [prompts[i] for i in batch_ids])
+        batch = {k: v.to(model.device) for k, v in encode_prompts(tokenizer, [prompts[i] for i in batch_ids]).items()}
         generated = model.generate(**batch, max_new_tokens=spec.max_new_tokens, do_sample=False, num_beams=1,
                                    pad_token_id=pad_token_id(tokenizer), eos_token_id=eos,
                                    stop_strings=["\n"], tokenizer=tokenizer)
@@ -278,22 +279,23 @@ class TranslationResult:
 
 
 def reproduce(out_dir: Path, spec: TranslationSpec, seed: int = 0, threads: int = 0,
-              rows: tuple[str, ...] = ROWS, log: Callable[[str], None] = print) -> TranslationResult:
-    """Run `rows` (default: every row) into `out_dir` and return the result, also written there as it grows.
-    Greedy decoding makes the untrained rows the same for every seed: later seeds can leave them out."""
+              rows: tuple[str, ...] = ROWS, log: Callable[[str], None] = print,
+              device: str = "cpu") -> TranslationResult:
+    """Run `rows` (default: every row) into `out_dir` on `device` and return the result, also written there as it
+    grows. Greedy decoding makes the untrained rows the same for every seed: later seeds can leave them out."""
     if unknown := [r for r in rows if r not in ROWS]:
         raise ValueError(f"unknown row(s) {unknown}: expected some of {list(ROWS)}")
     torch.set_num_threads(threads or os.cpu_count() or 1)
     start = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
-    bases = load_bases(spec)
+    bases = load_bases(spec, device)
     tok = bases.tokenizer
     data = make_data(spec, tok)
     sources = [p.source for p in data.eval]
     references = [p.english for p in data.eval]
     result = TranslationResult(verses=[p.ref for p in data.eval], references=references,
                                source_chars=[len(s) for s in sources], seed=seed,
-                               settings=settings(spec, data, bases, threads))
+                               settings=settings(spec, data, bases, threads, device))
     log(f"D_C {len(data.train)} verses, {spec.eval_split} {len(data.eval)} verses, shots "
         f"{[p.ref for p in data.shots]}")
 
@@ -340,7 +342,8 @@ def reproduce(out_dir: Path, spec: TranslationSpec, seed: int = 0, threads: int 
     result.examples = example_rows(result, data.eval, NUM_EXAMPLES)
     result.seconds = round(time.perf_counter() - start, 1)
     write_report(out_dir, result)
-    plot_learning_curves(out_dir / "learning_curves.png", runs_dir, [r for r in builders if r in rows])
+    plot_learning_curves(out_dir / "learning_curves.png",
+                         {r: runs_dir / slug(r) / METRICS_FILE for r in builders if r in rows})
     plot_by_length(out_dir / "chrf_by_length.png", result)
     return result
 
@@ -349,12 +352,14 @@ def slug(name: str) -> str:
     return re.sub(r"_+", "_", "".join(c if c.isalnum() else "_" for c in name.lower())).strip("_")
 
 
-def settings(spec: TranslationSpec, data: Data, bases: Bases, threads: int) -> dict:
+def settings(spec: TranslationSpec, data: Data, bases: Bases, threads: int, device: str = "cpu") -> dict:
     return {"spec": asdict(spec), "train_verses": len(data.train), "eval_verses": len(data.eval),
             "shots": [p.ref for p in data.shots], "books": task.SPLITS,
             "anchor_layers": bases.anchor.config.num_hidden_layers,
             "augment_layers": bases.augment.config.num_hidden_layers,
-            "torch_threads": threads or os.cpu_count(), "machine": f"{platform.machine()}, torch {torch.__version__}"}
+            "torch_threads": threads or os.cpu_count(), "device": device,
+            "machine": f"{platform.machine()}, torch {torch.__version__}"
+                       + (f", {torch.cuda.get_device_name(device)}" if device.startswith("cuda") else "")}
 
 
 # ------------------------------------------------------------------------------------------------ report
@@ -431,8 +436,7 @@ def write_report(out_dir: Path, result: TranslationResult) -> None:
             f"{' + '.join(task.SPLITS['train'])}{replay_note(spec)}; every trained row: {spec['steps']} steps of "
             f"{spec['batch_size']}. "
             f"Connections (m_A block, m_B block): {spec['connections']}. English perplexity: held-out package "
-            f"documentation. Total time {result.seconds / 60:.1f} min on {result.settings['torch_threads']} "
-            "CPU thread(s).\n")
+            f"documentation. Total time {result.seconds / 60:.1f} min on {where(result.settings)}.\n")
     if result.outputs:
         text += f"\n## chrF by source length\n\n{length_table(result)}\n"
     if result.examples:
@@ -440,21 +444,28 @@ def write_report(out_dir: Path, result: TranslationResult) -> None:
     (out_dir / "results.md").write_text(text)
 
 
+def where(settings: dict) -> str:
+    """What a run ran on, for its report."""
+    if settings.get("device", "cpu").startswith("cuda"):
+        return f"a GPU ({settings['machine'].rsplit(', ', 1)[-1]})"
+    return f"{settings['torch_threads']} CPU thread(s)"
+
+
 def replay_note(spec: dict) -> str:
     size = spec.get("replay_size", 0)
     return f" and {size} pieces of English prose (the Python Language Reference)" if size else ""
 
 
-def plot_learning_curves(path: Path, runs_dir: Path, names: list[str]) -> None:
+def plot_learning_curves(path: Path, metrics: dict[str, Path]) -> None:
+    """Training loss on D_C of each row (row name -> its run's metrics file)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    for name in names:
-        metrics = runs_dir / slug(name) / METRICS_FILE
-        points = [(r["step"], r["loss"]) for r in read_metrics(metrics) if "loss" in r] if metrics.is_file() else []
+    for name, file in metrics.items():
+        points = [(r["step"], r["loss"]) for r in read_metrics(file) if "loss" in r] if file.is_file() else []
         if points:
             ax.plot(*zip(*points), label=name)
     ax.set(xlabel="optimizer step", ylabel="training loss on D_C", title="Learning curves on D_C")
@@ -488,7 +499,8 @@ def plot_by_length(path: Path, result: TranslationResult) -> None:
 
 
 def summarize(out_dir: Path, run_dirs: list[Path]) -> str:
-    """Combine finished runs into mean ± std over seeds in `out_dir/results.md` and `results.json`. A seed's rows
+    """Combine finished runs into mean ± std over seeds in `out_dir/results.md` and `results.json`, and each
+    seed's full report (every row, examples, chrF by length, learning curves) in `out_dir/seed<N>/`. A seed's rows
     may be split over several runs (see `merge_by_seed`)."""
     missing = [str(d) for d in run_dirs if not (d / "results.json").is_file()]
     if missing:
@@ -506,34 +518,62 @@ def summarize(out_dir: Path, run_dirs: list[Path]) -> str:
         ppl = mean_std(ratios, 3) if ratios else "—"
         lines.append(f"| {name} | {mean_std(values['chrF'])} | {mean_std(values['BLEU'])} | {ppl} |")
     seeds = [r["seed"] for r in runs]
+    per_seed = ["| model | " + " | ".join(f"seed {s}" for s in seeds) + " |", "|---|" + "---:|" * len(seeds)]
+    per_seed += [f"| {name} | " + " | ".join(f"{r['table'][name]['chrF']:.1f}" if name in r["table"] else "—"
+                                             for r in runs) + " |" for name in names]
+    for run in runs:
+        write_seed_report(out_dir / f"seed{run['seed']}", run)
     text = (f"# Translation with real models: mean ± std over seeds {seeds}\n\n" + "\n".join(lines) + "\n\n"
             "std: sample standard deviation over the seeds that have the row (an untrained row decodes greedily, "
-            "so it is the same for every seed and may come from one run only). Minutes per seed (rows run side by "
-            "side add up): " + ", ".join(f"{r['seconds'] / 60:.1f}" for r in runs) + ".\n\n"
-            + "\n".join(f"## {d}\n\n{(d / 'results.md').read_text().split(chr(10), 2)[2]}" for d in run_dirs))
+            "so it is the same for every seed and may come from one run only). Minutes per seed, its rows' "
+            "processes added up: " + ", ".join(f"{r['seconds'] / 60:.1f}" for r in runs) + ".\n\n"
+            "## chrF by seed\n\n" + "\n".join(per_seed) + "\n\n"
+            "Each seed's report (every row, example translations, chrF by source length, learning curves): "
+            + ", ".join(f"[seed{s}/results.md](seed{s}/results.md)" for s in seeds) + ".\n")
     (out_dir / "results.md").write_text(text)
     (out_dir / "results.json").write_text(json.dumps({"seeds": seeds, "stats": stats,
                                                       "runs": [str(d) for d in run_dirs]}, indent=2))
     return text
 
 
+def write_seed_report(out_dir: Path, run: dict) -> None:
+    """One seed's merged rows as a single run's report, with its plots."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    result = TranslationResult(**{f.name: run[f.name] for f in fields(TranslationResult)})
+    write_report(out_dir, result)
+    plot_by_length(out_dir / "chrf_by_length.png", result)
+    plot_learning_curves(out_dir / "learning_curves.png", {name: Path(file) for name, file in run["metrics"].items()})
+
+
 def merge_by_seed(runs: list[dict], run_dirs: list[Path]) -> list[dict]:
     """One run per seed: the rows of one seed may come from several directories (rows run side by side), and
-    each row from only one of them."""
+    each row from only one of them. A merged run also maps each trained row to its metrics file (`metrics`)."""
     merged: dict[int, dict] = {}
     for run, directory in zip(runs, run_dirs):
-        seed = merged.setdefault(run["seed"], {**run, "table": {}, "perplexity": {}, "seconds": 0.0})
+        seed = merged.setdefault(run["seed"], {**run, "table": {}, "perplexity": {}, "runs": {}, "outputs": {},
+                                               "examples": [], "metrics": {}, "seconds": 0.0})
         if twice := sorted(set(seed["table"]) & set(run["table"])):
             raise ValueError(f"{directory} has rows {twice} of seed {run['seed']}, which another run directory "
                              "has too: give each row of a seed once")
-        seed["table"] |= run["table"]
-        seed["perplexity"] |= run["perplexity"]
+        for key in ("table", "perplexity", "runs", "outputs"):
+            seed[key] |= run.get(key, {})
+        seed["metrics"] |= {name: str(directory / "runs" / slug(name) / METRICS_FILE) for name in run.get("runs", {})}
+        # The same verses in every run of a split: each run adds its rows' outputs to them.
+        examples = run.get("examples", [])
+        if not seed["examples"]:
+            seed["examples"] = [dict(e) for e in examples]
+        elif [e["verse"] for e in examples] == [e["verse"] for e in seed["examples"]]:
+            for mine, theirs in zip(seed["examples"], examples):
+                mine |= theirs
         seed["seconds"] += run["seconds"]
     return list(merged.values())
 
 
 def mean_std(values: list[float], digits: int = 1) -> str:
+    """"mean ± std", or the value alone when there is one (a row run for one seed)."""
     mean = sum(values) / len(values)
+    if len(values) == 1:
+        return f"{mean:.{digits}f}"
     std = math.sqrt(sum((v - mean) ** 2 for v in values) / max(1, len(values) - 1))
     return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
@@ -557,7 +597,8 @@ def run_from_args(args: argparse.Namespace) -> None:
         print(summarize(out_dir, [Path(d) for d in args.summarize]))
         return
     rows = tuple(args.rows) if args.rows else TRAINED_ROWS if args.trained_only else ROWS
-    result = reproduce(out_dir, spec_from_args(args), seed=args.seed, threads=args.threads, rows=rows)
+    result = reproduce(out_dir, spec_from_args(args), seed=args.seed, threads=args.threads, rows=rows,
+                       device=getattr(args, "device", None) or "cpu")
     print(markdown_table(result))
     print(f"\nwritten to {out_dir}/results.md (and .json, learning_curves.png, chrf_by_length.png) "
           f"in {result.seconds / 60:.1f} min")
