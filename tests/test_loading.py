@@ -309,3 +309,15 @@ def test_a_trained_compositions_card_names_its_data_files_not_their_directories(
     card = (tmp_path / "run" / "README.md").read_text()
     assert "- training data: train.jsonl (prompt_completion, 8 examples, " in card
     assert str(tmp_path / "data") not in card
+
+
+def test_a_base_loaded_at_another_revision_is_recorded_at_that_commit(tmp_path, offline_hub):
+    tiny("llama", 32, 4, 4).save_pretrained(hub_repo(offline_hub, "user/anchor", "1" * 40))
+    tiny("llama", 32, 4, 4, seed=7).save_pretrained(hub_repo(offline_hub, "user/anchor", "9" * 40))  # main now
+    tiny("qwen2", 16, 6, 2, seed=1).save_pretrained(hub_repo(offline_hub, "user/augment", "2" * 40))
+    anchor = tf.AutoModelForCausalLM.from_pretrained("user/anchor", revision="1" * 40)
+    model = calm.compose(anchor, tf.AutoModelForCausalLM.from_pretrained("user/augment"), num_connections=1)
+    model.save_pretrained(tmp_path / "calm")
+    assert json.loads((tmp_path / "calm" / CONFIG_NAME).read_text())["anchor"]["revision"] == "1" * 40
+    loaded = calm.CALMForCausalLM.from_pretrained(tmp_path / "calm")
+    assert all(torch.equal(a, b) for a, b in zip(loaded.anchor.parameters(), anchor.parameters()))

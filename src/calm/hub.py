@@ -13,7 +13,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from huggingface_hub import HfApi, snapshot_download, try_to_load_from_cache
+import torch
+from huggingface_hub import HfApi, snapshot_download
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 from transformers import AutoModelForCausalLM, PreTrainedModel
@@ -33,11 +34,48 @@ def is_hub_id(name: str) -> bool:
     return not name.startswith(("~", "."))
 
 
-def cached_commit(repo_id: str) -> str | None:
-    """The commit of `repo_id`'s default branch in the local Hub cache, when its config is cached there."""
-    path = try_to_load_from_cache(repo_id, "config.json")
-    commit = Path(path).parent.name if isinstance(path, str) else None
-    return commit if commit and _COMMIT.fullmatch(commit) else None
+def cached_commit(repo_id: str, model: PreTrainedModel | None = None) -> str | None:
+    """The commit of `repo_id` in the local Hub cache that `model`'s weights were loaded from (transformers does
+    not record the revision it loaded). With one snapshot cached, that one; with several, the one whose smallest
+    tensors equal the model's; None when no snapshot or more than one matches."""
+    from huggingface_hub import constants
+    from huggingface_hub.file_download import repo_folder_name
+
+    snapshots = Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo_id, repo_type="model") / "snapshots"
+    commits = sorted(p.name for p in snapshots.iterdir() if _COMMIT.fullmatch(p.name)) if snapshots.is_dir() else []
+    if len(commits) > 1 and model is not None:
+        commits = [c for c in commits if _same_weights(snapshots / c, model)]
+    return commits[0] if len(commits) == 1 else None
+
+
+def _same_weights(snapshot: Path, model: PreTrainedModel, tensors: int = 4) -> bool:
+    """Whether the `tensors` smallest non-constant tensors of `snapshot`'s safetensors files equal `model`'s (cheap
+    to read; a constant one, such as a fresh norm's ones, tells revisions apart less often)."""
+    from safetensors import safe_open
+
+    state = model.state_dict()
+    sizes = []
+    for file in sorted(snapshot.glob("*.safetensors")):
+        with safe_open(file, framework="pt") as f:
+            names = f.keys()
+            for name in names:
+                if name in state:
+                    numel = 1
+                    for dim in f.get_slice(name).get_shape():
+                        numel *= dim
+                    sizes.append((numel, name, file))
+    compared = 0
+    for _, name, file in sorted(sizes):
+        mine = state[name].detach().cpu()
+        if mine.numel() == 0 or bool(mine.min() == mine.max()):
+            continue
+        with safe_open(file, framework="pt") as f:
+            if not torch.equal(f.get_tensor(name).to(mine.dtype), mine):
+                return False
+        compared += 1
+        if compared == tensors:
+            break
+    return compared > 0
 
 
 def locate(model: PreTrainedModel, recorded: dict[str, Any]) -> dict[str, Any]:
@@ -53,7 +91,7 @@ def locate(model: PreTrainedModel, recorded: dict[str, Any]) -> dict[str, Any]:
     if not is_hub_id(name):
         return {}
     revision = recorded.get("revision") if recorded.get("hub_id") == name else None
-    revision = revision or cached_commit(name)
+    revision = revision or cached_commit(name, model)
     return {"hub_id": name, **({"revision": revision} if revision else {})}
 
 
