@@ -226,3 +226,28 @@ def test_extend_starts_the_shared_connections_from_the_trained_weights(tmp_path)
     other.connections = [[0, 0]]
     with pytest.raises(ValueError, match="do not start with the trained connections"):
         extend(trained, tmp_path / "m_b", other, ("kv_arithmetic",))
+
+
+@pytest.mark.parametrize("module", ["calm.experiments.kv_reproduce", "calm.experiments.translation"])
+def test_rows_train_in_float32_on_any_device(module, monkeypatch, tmp_path):
+    """Both reproductions' recipes are float32: on a GPU the trainer must not switch to bf16 autocast."""
+    import importlib
+
+    import torch
+
+    experiment = importlib.import_module(module)
+    seen = []
+
+    def fake_train(model, tokenizer, data, config, **kwargs):
+        seen.append(config)
+        raise RuntimeError("stop")
+
+    monkeypatch.setattr(experiment, "train", fake_train)
+    model = torch.nn.Linear(2, 2)
+    with pytest.raises(RuntimeError, match="stop"):
+        if module.endswith("kv_reproduce"):
+            experiment.train_on_d_c(model, None, [], tmp_path, experiment.CompositionSpec.quick(), 1e-3, 0)
+        else:
+            data = experiment.Data(train=[], eval=[], shots=[])
+            experiment.train_on_d_c(model, None, data, experiment.TranslationSpec.quick(), tmp_path, 1e-3, 0)
+    assert seen[0].precision == "fp32"

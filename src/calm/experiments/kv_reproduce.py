@@ -136,9 +136,11 @@ def train_on_d_c(model: PreTrainedModel, tokenizer, d_c: list[dict], out_dir: Pa
                  lr: float, seed: int, callbacks: Sequence[TrainerCallback] = ()) -> dict:
     """Train whatever in `model` requires grad on D_C; return time, steps, mean training loss and the trainable
     parameter count."""
+    # float32 on every device, as the base models train: a GPU (picked up when there is one) runs the CPU recipe,
+    # not a bf16-autocast variant of it.
     config = TrainConfig(output_dir=str(out_dir), max_steps=spec.steps, batch_size=spec.batch_size,
                          learning_rate=lr, weight_decay=spec.weight_decay, warmup_steps=0.05, save_steps=0,
-                         logging_steps=10, exact_match=False,
+                         logging_steps=10, exact_match=False, precision="fp32",
                          overwrite=True, seed=seed, cache_augment_states=isinstance(model, calm.CALMForCausalLM),
                          plot=False, tensorboard=False)
     start = time.perf_counter()
