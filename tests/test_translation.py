@@ -185,6 +185,10 @@ def test_summary_merges_rows_of_one_seed_run_side_by_side(tmp_path):
     assert (seed / "learning_curves.png").is_file() and (seed / "chrf_by_length.png").is_file()
     with pytest.raises(ValueError, match=r"rows \['CALM'\] of seed 0"):
         exp.summarize(tmp_path / "all", [calm_run, again])
+    other = json.loads((again / "results.json").read_text()) | {"verses": ["John 1:1", "John 1:2", "John 1:3"]}
+    (again / "results.json").write_text(json.dumps(other))
+    with pytest.raises(ValueError, match="evaluated other verses"):
+        exp.summarize(tmp_path / "all", [lora_run, again])
 
 
 def test_report_says_where_it_ran():

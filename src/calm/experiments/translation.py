@@ -555,15 +555,17 @@ def merge_by_seed(runs: list[dict], run_dirs: list[Path]) -> list[dict]:
         if twice := sorted(set(seed["table"]) & set(run["table"])):
             raise ValueError(f"{directory} has rows {twice} of seed {run['seed']}, which another run directory "
                              "has too: give each row of a seed once")
+        if run["verses"] != seed["verses"]:
+            raise ValueError(f"{directory} evaluated other verses than another run of seed {run['seed']}: only "
+                             "runs of one evaluation split and size merge")
         for key in ("table", "perplexity", "runs", "outputs"):
             seed[key] |= run.get(key, {})
         seed["metrics"] |= {name: str(directory / "runs" / slug(name) / METRICS_FILE) for name in run.get("runs", {})}
-        # The same verses in every run of a split: each run adds its rows' outputs to them.
-        examples = run.get("examples", [])
+        # The same example verses in every run (the same evaluation verses): each run adds its rows' outputs.
         if not seed["examples"]:
-            seed["examples"] = [dict(e) for e in examples]
-        elif [e["verse"] for e in examples] == [e["verse"] for e in seed["examples"]]:
-            for mine, theirs in zip(seed["examples"], examples):
+            seed["examples"] = [dict(e) for e in run.get("examples", [])]
+        else:
+            for mine, theirs in zip(seed["examples"], run.get("examples", [])):
                 mine |= theirs
         seed["seconds"] += run["seconds"]
     return list(merged.values())
