@@ -42,7 +42,8 @@ def saved(tmp_path, pair):
 
 def test_writes_the_configs_the_composition_weights_and_a_card(saved):
     model, path = saved
-    assert sorted(p.name for p in path.iterdir()) == sorted([CONFIG_NAME, HF_CONFIG_NAME, WEIGHTS_NAME, "README.md"])
+    assert sorted(p.name for p in path.iterdir()) == sorted([CONFIG_NAME, HF_CONFIG_NAME, WEIGHTS_NAME, "README.md",
+                                                             "generation_config.json"])
     from safetensors.torch import load_file
 
     # The model's own names for the composition weights, and nothing else: the bases are never saved.
@@ -303,3 +304,17 @@ def test_saved_files_get_the_usual_mode(tmp_path, pair):
         os.umask(old)
     for name in (CONFIG_NAME, HF_CONFIG_NAME, WEIGHTS_NAME, "README.md"):
         assert (tmp_path / name).stat().st_mode & 0o777 == 0o644, name
+
+
+def test_generation_defaults_set_on_the_composition_are_saved_and_loaded(tmp_path, pair):
+    model = calm.compose(*pair, num_connections=1)
+    model.generation_config.max_new_tokens = 7
+    model.generation_config.repetition_penalty = 1.3
+    model.save_pretrained(tmp_path)
+    loaded = calm.CALMForCausalLM.from_pretrained(tmp_path, anchor=pair[0], augments=pair[1])
+    assert (loaded.generation_config.max_new_tokens, loaded.generation_config.repetition_penalty) == (7, 1.3)
+    assert loaded.generation_config.eos_token_id == model.generation_config.eos_token_id
+    # A save without the file (an older format) keeps the defaults derived from the anchor.
+    (tmp_path / "generation_config.json").unlink()
+    again = calm.CALMForCausalLM.from_pretrained(tmp_path, anchor=pair[0], augments=pair[1])
+    assert again.generation_config.max_new_tokens != 7

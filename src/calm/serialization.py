@@ -20,7 +20,7 @@ from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save_file
 from torch import nn
 from torch.nn.modules.module import _IncompatibleKeys
-from transformers import PreTrainedModel
+from transformers import GenerationConfig, PreTrainedModel
 from transformers.utils.hub import convert_file_size_to_int
 
 from .alignment import tokenizer_fingerprint
@@ -37,6 +37,7 @@ CONFIG_NAME = "calm_config.json"
 HF_CONFIG_NAME = "config.json"  # what AutoConfig reads; calm itself reads calm_config.json
 ANCHOR_TOKENIZER_DIR = "tokenizer"
 AUGMENT_TOKENIZER_DIR = "augment_tokenizer"
+GENERATION_CONFIG_NAME = "generation_config.json"  # the composition's generation defaults, as transformers saves them
 WEIGHTS_NAME = "model.safetensors"  # the composition's weights under the model's names, as the Trainer loads them
 LEGACY_WEIGHTS_NAME = "calm.safetensors"  # format versions 1-3: names relative to the composition
 WEIGHTS_PREFIX = "composition."
@@ -148,6 +149,8 @@ def save_composition(model: PreTrainedModel, save_directory: str | os.PathLike, 
         CONFIG_NAME: lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"),
         HF_CONFIG_NAME: lambda tmp: Path(tmp).write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n"),
     }
+    if getattr(model, "generation_config", None) is not None:  # defaults a user set (max_new_tokens, ...) too
+        writers[GENERATION_CONFIG_NAME] = lambda tmp: model.generation_config.to_json_file(tmp)
     if may_write_card(directory):
         trainable = sum(t.numel() for t in state.values())
         card_config = copy.copy(model.config)
@@ -323,6 +326,8 @@ def load_composition(cls: type[Model], path: str | os.PathLike, anchor: Base = N
         except BaseException:
             model._remove_hooks()  # and takes its hooks off them
             raise
+    if (directory / GENERATION_CONFIG_NAME).is_file():  # what was saved replaces the anchor-derived defaults
+        model.generation_config = GenerationConfig.from_pretrained(directory)
     return model
 
 
