@@ -7,6 +7,7 @@ found and everywhere it looked. A composition itself can be loaded from a Hub re
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Iterable
@@ -58,12 +59,7 @@ def _same_weights(snapshot: Path, model: PreTrainedModel, tensors: int = 4) -> b
     for file in sorted(snapshot.glob("*.safetensors")):
         with safe_open(file, framework="pt") as f:
             names = f.keys()
-            for name in names:
-                if name in state:
-                    numel = 1
-                    for dim in f.get_slice(name).get_shape():
-                        numel *= dim
-                    sizes.append((numel, name, file))
+            sizes += [(math.prod(f.get_slice(name).get_shape()), name, file) for name in names if name in state]
     compared = 0
     for _, name, file in sorted(sizes):
         mine = state[name].detach().cpu()
