@@ -147,7 +147,7 @@ def test_calm_train_keeps_checkpointing_turned_on_beforehand(tmp_path):
     model = composed()
     model.activation_checkpointing_enable()
     mlp_calls = count_calls(decoder_blocks(model.anchor)[2].mlp)
-    config = TrainConfig(output_dir=str(tmp_path / "run"), batch_size=4, max_steps=2, save_steps=0,
+    config = TrainConfig(output_dir=str(tmp_path / "run"), per_device_train_batch_size=4, max_steps=2, save_steps=0,
                          progress_bar=False, plot=False, exact_match=False)
     result = train(model, char_tokenizer(), sum_examples(8), config=config)
     assert result.global_step == 2 and result.train_loss == result.train_loss  # not NaN

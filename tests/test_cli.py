@@ -69,7 +69,7 @@ def test_installed_command_runs_and_reports_errors_in_one_line():
     (["generate", "--composition", "x", "--max-new-tokens", "0"], "positive integer"),
     (["reproduce", "table-9"], "invalid choice"),
     (["train", "--anchor", "a", "--augment", "b"], "--train-data"),
-    (["train", "--anchor", "a", "--augment", "b", "--train-data", "t.jsonl"], "required: --output-dir"),
+    (["train", "--anchor", "a", "--augment", "b", "--train-data", "t.jsonl"], "required: --output_dir/--output-dir"),
     (["generate", "--composition", "x", "--prompt", "a", "--prompts-file", "p.txt"], "not allowed with"),
     (["frobnicate"], "invalid choice"),
 ])

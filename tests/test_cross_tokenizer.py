@@ -408,9 +408,9 @@ def test_training_with_collator_alignment_and_augment_state_cache(tmp_path):
     for cached in (False, True):
         model, tok = composed(SMOL, GEMMA, init=True)
         torch.manual_seed(0)
-        config = TrainConfig(output_dir=str(tmp_path / f"run{cached}"), batch_size=4, max_steps=6,
+        config = TrainConfig(output_dir=str(tmp_path / f"run{cached}"), per_device_train_batch_size=4, max_steps=6,
                              logging_steps=1, save_steps=0, progress_bar=False, learning_rate=1e-3, seed=0,
-                             cache_augment_states=cached, num_epochs=3)
+                             cache_augment_states=cached, num_train_epochs=3)
         result = train(model, tok, data, config=config)
         losses.append(result.train_loss)
     assert losses[0] == pytest.approx(losses[1], rel=1e-4)

@@ -136,8 +136,8 @@ def test_the_trainer_and_calm_eval_score_with_the_mode_they_are_given(tok, tmp_p
     seen = []
     real = trainer.exact_match_count
     monkeypatch.setattr(trainer, "exact_match_count", lambda *a, **k: seen.append(k["match"]) or real(*a, **k))
-    config = TrainConfig(output_dir=str(tmp_path / "run"), max_steps=1, batch_size=4, save_steps=0, plot=False,
-                         progress_bar=False, tensorboard=False, exact_match_mode="exact")
+    config = TrainConfig(output_dir=str(tmp_path / "run"), max_steps=1, per_device_train_batch_size=4, save_steps=0,
+                         plot=False, progress_bar=False, tensorboard=False, exact_match_mode="exact")
     result = train(composed("iterative"), tok, sum_examples(4), sum_examples(4, seed=1), config=config)
     assert seen == ["exact"] and "eval_exact_match" in result.eval_metrics
 

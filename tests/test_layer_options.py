@@ -105,7 +105,8 @@ def test_the_paper_preset_builds_the_plain_layer_and_trains(tmp_path):
         # f_proj (a linear map with bias), then q, k, v, o: nothing else carries weights.
         assert set(layer.state_dict()) == {"proj.weight", "proj.bias", "q.weight", "k.weight", "v.weight", "o.weight"}
     before = {k: v.clone() for k, v in model.composition.state_dict().items()}
-    config = TrainConfig(output_dir=str(tmp_path / "run"), max_steps=1, batch_size=4, save_steps=0, plot=False,
+    config = TrainConfig(output_dir=str(tmp_path / "run"), max_steps=1, per_device_train_batch_size=4, save_steps=0,
+                         plot=False,
                          progress_bar=False, tensorboard=False, learning_rate=1e-3, warmup_steps=0)
     result = train(model, char_tokenizer(), sum_examples(4), config=config)
     assert result.global_step == 1 and result.train_loss == result.train_loss  # not NaN

@@ -304,8 +304,9 @@ def test_a_trained_compositions_card_names_its_data_files_not_their_directories(
     model = calm.compose(tiny("llama", 32, 2, 4), tiny("qwen2", 16, 2, 2, seed=1))
     (tmp_path / "data").mkdir()
     data = write_jsonl(sum_examples(8), tmp_path / "data" / "train.jsonl")
-    train(model, char_tokenizer(), data, config=TrainConfig(output_dir=str(tmp_path / "run"), max_steps=1,
-                                                            batch_size=4, progress_bar=False, plot=False))
+    config = TrainConfig(output_dir=str(tmp_path / "run"), max_steps=1, per_device_train_batch_size=4,
+                         progress_bar=False, plot=False)
+    train(model, char_tokenizer(), data, config=config)
     card = (tmp_path / "run" / "README.md").read_text()
     assert "- training data: train.jsonl (prompt_completion, 8 examples, " in card
     assert str(tmp_path / "data") not in card

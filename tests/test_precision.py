@@ -86,7 +86,7 @@ def test_composition_dtype_is_checked():
 
 def test_training_refuses_float16_composition_weights(tmp_path):
     model = composed(tiny("llama", 32, 2, 4, seed=0), torch.float32, "float16")
-    config = TrainConfig(output_dir=str(tmp_path / "run"), batch_size=4, max_steps=1, save_steps=0,
+    config = TrainConfig(output_dir=str(tmp_path / "run"), per_device_train_batch_size=4, max_steps=1, save_steps=0,
                          progress_bar=False, precision="fp32")
     with pytest.raises(ValueError, match="the trainable weights are float16, which cannot be trained reliably"):
         train(model, char_tokenizer(), sum_examples(8), config=config)
@@ -119,7 +119,7 @@ def test_an_int8_quantized_anchor_trains_a_composition_and_generates_exactly(int
 def test_the_trainer_trains_a_composition_on_an_int8_anchor(int8_anchor, tmp_path):
     model = composed(int8_anchor, torch.bfloat16, "float32")
     before = {k: v.clone() for k, v in model.composition.state_dict().items()}
-    config = TrainConfig(output_dir=str(tmp_path / "run"), batch_size=4, max_steps=2, save_steps=0,
+    config = TrainConfig(output_dir=str(tmp_path / "run"), per_device_train_batch_size=4, max_steps=2, save_steps=0,
                          progress_bar=False, precision="fp32", learning_rate=1e-2)
     result = train(model, char_tokenizer(), sum_examples(8), config=config)
     assert math.isfinite(result.train_loss)

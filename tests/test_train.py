@@ -38,8 +38,8 @@ def composed(augment_mode: str = "iterative") -> calm.CALMForCausalLM:
 
 
 def quick(tmp_path: Path, name: str = "run", **overrides) -> TrainConfig:
-    options = dict(output_dir=str(tmp_path / name), batch_size=4, max_steps=4, logging_steps=1, save_steps=0,
-                   progress_bar=False, warmup_steps=0.25, learning_rate=1e-3)
+    options = dict(output_dir=str(tmp_path / name), per_device_train_batch_size=4, max_steps=4, logging_steps=1,
+                   save_steps=0, progress_bar=False, warmup_steps=0.25, learning_rate=1e-3)
     return TrainConfig(**{**options, **overrides})
 
 
@@ -75,16 +75,16 @@ class CountCalls:
 @pytest.mark.parametrize(
     ("overrides", "field"),
     [
-        ({"batch_size": 0}, "batch_size"),
-        ({"batch_size": "8"}, "batch_size"),
+        ({"per_device_train_batch_size": 0}, "per_device_train_batch_size"),
+        ({"per_device_train_batch_size": "8"}, "per_device_train_batch_size"),
         ({"learning_rate": -1.0}, "learning_rate"),
-        ({"lr_scheduler": "exponential"}, "lr_scheduler"),
+        ({"lr_scheduler_type": "exponential"}, "lr_scheduler_type"),
         ({"precision": "fp8"}, "precision"),
         ({"loss_on": "prompt"}, "loss_on"),
         ({"save_steps": -5}, "save_steps"),
         ({"resume": 1}, "resume"),
         ({"adam_beta2": 1.0}, "adam_beta2"),
-        ({"num_epochs": 0.0}, "num_epochs"),
+        ({"num_train_epochs": 0.0}, "num_train_epochs"),
         ({"deepspeed": "no/such/ds_config.json"}, "deepspeed"),
     ],
 )
@@ -104,6 +104,97 @@ def test_yaml_config_file_sets_options_and_flags_override(tmp_path):
     assert train_config_from_args(apply_config_file(build_parser(), [*base, "--max-steps", "9"])).max_steps == 9
     with pytest.raises(ValueError, match=r"unknown TrainConfig field\(s\) \['lr'\]"):
         TrainConfig.from_dict({"lr": 1.0})
+
+
+# Every flag `calm train` had before TrainConfig became a TrainingArguments (calm 0.1's TrainConfig fields), a
+# value for it, and the field and value it must still set.
+EARLIER_FLAGS = [
+    (["--num-epochs", "2"], "num_train_epochs", 2.0), (["--max-steps", "7"], "max_steps", 7),
+    (["--batch-size", "3"], "per_device_train_batch_size", 3),
+    (["--grad-accum-steps", "2"], "gradient_accumulation_steps", 2),
+    (["--learning-rate", "0.003"], "learning_rate", 0.003), (["--weight-decay", "0.1"], "weight_decay", 0.1),
+    (["--adam-beta1", "0.8"], "adam_beta1", 0.8), (["--adam-beta2", "0.99"], "adam_beta2", 0.99),
+    (["--lr-scheduler", "linear"], "lr_scheduler_type", "linear"), (["--warmup-steps", "5"], "warmup_steps", 5.0),
+    (["--max-grad-norm", "0.5"], "max_grad_norm", 0.5), (["--on-nan", "skip"], "on_nan", "skip"),
+    (["--precision", "fp32"], "precision", "fp32"), (["--max-length", "64"], "max_length", 64),
+    (["--strict-length"], "strict_length", True), (["--no-strict-length"], "strict_length", False),
+    (["--loss-on", "all"], "loss_on", "all"), (["--no-append-eos"], "append_eos", False),
+    (["--append-eos"], "append_eos", True), (["--no-shuffle"], "shuffle", False),
+    (["--eval-steps", "4"], "eval_steps", 4.0), (["--eval-batch-size", "5"], "per_device_eval_batch_size", 5),
+    (["--no-exact-match"], "exact_match", False), (["--exact-match-mode", "exact"], "exact_match_mode", "exact"),
+    (["--max-new-tokens", "9"], "max_new_tokens", 9),
+    (["--max-exact-match-examples", "11"], "max_exact_match_examples", 11),
+    (["--save-steps", "6"], "save_steps", 6.0), (["--save-total-limit", "3"], "save_total_limit", 3),
+    (["--resume"], "resume", True), (["--no-resume"], "resume", False), (["--overwrite"], "overwrite", True),
+    (["--no-overwrite"], "overwrite", False), (["--logging-steps", "2"], "logging_steps", 2.0),
+    (["--seed", "4"], "seed", 4), (["--cache-augment-states"], "cache_augment_states", True),
+    (["--no-cache-augment-states"], "cache_augment_states", False),
+    (["--augment-cache-dir", "/x"], "augment_cache_dir", "/x"), (["--num-workers", "1"], "dataloader_num_workers", 1),
+    (["--no-progress-bar"], "progress_bar", False), (["--progress-bar"], "progress_bar", True),
+    (["--no-tensorboard"], "tensorboard", False), (["--report-to", "none"], "report_to", []),
+    (["--no-plot"], "plot", False), (["--plot"], "plot", True),
+]
+
+
+@pytest.mark.parametrize(("flags", "name", "expected"), EARLIER_FLAGS, ids=[f[0][0] for f in EARLIER_FLAGS])
+def test_every_earlier_train_flag_still_sets_its_option(tmp_path, flags, name, expected):
+    from calm.cli import apply_config_file, build_parser
+
+    base = ["train", "--anchor", "a", "--augment", "b", "--train-data", "x.jsonl", "--output-dir", str(tmp_path)]
+    config = train_config_from_args(apply_config_file(build_parser(), [*base, *flags]))
+    value = getattr(config, name)
+    assert getattr(value, "value", value) == expected
+
+
+def test_the_fsdp_and_deepspeed_flags_are_still_there():
+    from calm.cli import _subparsers, build_parser
+
+    train = _subparsers(build_parser()).choices["train"]
+    flags = {flag for action in train._actions for flag in action.option_strings}
+    assert {"--fsdp-config", "--deepspeed", "--output-dir"} <= flags
+
+
+def test_train_config_is_training_arguments_and_hf_argument_parser_reads_it(tmp_path):
+    from transformers import HfArgumentParser, TrainingArguments
+
+    (tmp_path / "a.json").write_text(json.dumps({"output_dir": "r", "max_steps": 3, "optim": "sgd"}))
+    (tmp_path / "a.yaml").write_text("output_dir: r\nmax_steps: 3\noptim: sgd\n")
+    for config in (HfArgumentParser(TrainConfig).parse_json_file(tmp_path / "a.json")[0],
+                   HfArgumentParser(TrainConfig).parse_yaml_file(tmp_path / "a.yaml")[0]):
+        assert isinstance(config, TrainingArguments) and isinstance(config, TrainConfig)
+        assert (config.max_steps, config.optim.value, config.learning_rate) == (3, "sgd", 1e-4)  # calm's default
+
+
+def test_a_config_file_or_run_record_with_earlier_option_names_still_works(tmp_path):
+    from calm.cli import apply_config_file, build_parser
+
+    (tmp_path / "c.yaml").write_text("batch_size: 3\nnum_epochs: 2\nlr_scheduler: linear\noutput_dir: r\n")
+    (tmp_path / "train_config.json").write_text(json.dumps({
+        "format": "calm-run/5", "train": {"batch_size": 5, "grad_accum_steps": 2, "num_workers": 0,
+                                          "eval_batch_size": 0, "output_dir": "r"},
+        "model": {"anchor": "a", "augments": ["b"]}, "data": {"train": ["x.jsonl"]}}))
+    base = ["train", "--anchor", "a", "--augment", "b", "--train-data", "x.jsonl", "--config"]
+    config = train_config_from_args(apply_config_file(build_parser(), [*base, str(tmp_path / "c.yaml")]))
+    assert (config.per_device_train_batch_size, config.num_train_epochs, config.lr_scheduler_type.value) == \
+        (3, 2.0, "linear")
+    config = train_config_from_args(apply_config_file(build_parser(), [*base, str(tmp_path / "train_config.json")]))
+    assert (config.per_device_train_batch_size, config.gradient_accumulation_steps,
+            config.per_device_eval_batch_size) == (5, 2, 5)
+    with pytest.raises(ValueError, match=r"\('batch_size', 'per_device_train_batch_size'\)\] name the same"):
+        TrainConfig.from_dict({"batch_size": 2, "per_device_train_batch_size": 2, "output_dir": "r"})
+
+
+def test_a_training_arguments_option_reaches_the_trainer(tmp_path, tok):
+    seen = {}
+
+    class Optimizer(TrainerCallback):
+        def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+            seen["optimizer"], seen["clip"] = type(optimizer.optimizer if hasattr(optimizer, "optimizer")
+                                                   else optimizer).__name__, args.max_grad_norm
+
+    train(composed(), tok, sum_examples(8), config=quick(tmp_path, max_steps=1, optim="sgd", max_grad_norm=0.25),
+          callbacks=[Optimizer()])
+    assert seen == {"optimizer": "SGD", "clip": 0.25}
 
 
 # ------------------------------------------------------------------------------------------------ a run
@@ -153,8 +244,8 @@ def test_existing_checkpoints_need_resume_or_overwrite(tmp_path, tok):
 def test_twenty_steps_equal_ten_plus_resume_plus_ten_bit_for_bit(tmp_path, tok):
     # 16 examples, micro-batch 2, accumulation 2: 4 steps per epoch, so step 10 stops mid-epoch and the
     # resumed run must replay the shuffled order, skip the consumed batches and restore every state exactly.
-    options = dict(max_steps=20, batch_size=2, grad_accum_steps=2, save_steps=5, logging_steps=5,
-                   lr_scheduler="cosine", warmup_steps=3, weight_decay=0.01)
+    options = dict(max_steps=20, per_device_train_batch_size=2, gradient_accumulation_steps=2, save_steps=5,
+                   logging_steps=5, lr_scheduler_type="cosine", warmup_steps=3, weight_decay=0.01)
     straight = composed()
     train(straight, tok, sum_examples(16), config=quick(tmp_path, "straight", **options))
 
@@ -180,7 +271,7 @@ def test_checkpoints_record_the_data_position_and_resume_refuses_other_data(tmp_
         train(composed(), tok, sum_examples(8, seed=5), config=quick(tmp_path, max_steps=4, resume=True))
     with pytest.raises(ValueError, match="global_batch_size was 4 and is now 2"):
         train(composed(), tok, sum_examples(8),
-              config=quick(tmp_path, max_steps=4, batch_size=2, resume=True))
+              config=quick(tmp_path, max_steps=4, per_device_train_batch_size=2, resume=True))
 
 
 def test_half_written_checkpoints_are_never_resumed(tmp_path, tok):
@@ -242,7 +333,7 @@ def test_killed_run_resumes_and_finishes(tmp_path):
 @pytest.mark.parametrize("on_disk", [False, True])
 def test_augment_cache_skips_augments_after_the_first_epoch_with_the_same_losses(tmp_path, tok, on_disk):
     data = sum_examples(12)  # 3 batches per epoch
-    options = dict(num_epochs=3.0, max_steps=0, warmup_steps=0)
+    options = dict(num_train_epochs=3.0, max_steps=0, warmup_steps=0)
     plain = composed()
     train(plain, tok, data, config=quick(tmp_path, "plain", **options))
 
@@ -377,13 +468,11 @@ def test_entry_point_checks_data_before_loading_any_model(tmp_path):
     with pytest.raises(DataError, match=r"bad\.jsonl:1: missing key 'completion'"):
         train_main([*flags[:-4], "--train-data", str(tmp_path / "ok.jsonl"),
                     "--eval-data", str(tmp_path / "bad.jsonl"), "--output-dir", str(tmp_path / "run")])
-    with pytest.raises(ValueError, match=r"TrainConfig\.batch_size=0"):
+    with pytest.raises(ValueError, match=r"TrainConfig\.per_device_train_batch_size=0"):
         train_main([*flags, "--batch-size", "0"])
 
 
 def test_report_to_is_the_users_choice(tmp_path):
-    from calm.train.options import training_arguments
-
-    assert training_arguments(TrainConfig(), tmp_path, has_eval=False).report_to == []
+    assert TrainConfig(output_dir=str(tmp_path)).for_trainer(tmp_path, has_eval=False).report_to == []
     with pytest.raises(ValueError, match=r"TrainConfig.report_to names \['no_such_tracker'\]"):
-        training_arguments(TrainConfig(report_to="no_such_tracker"), tmp_path, has_eval=False)
+        TrainConfig(output_dir=str(tmp_path), report_to="no_such_tracker")

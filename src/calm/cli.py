@@ -26,6 +26,7 @@ from .extras import require
 from .formats import RUN_RECORD, read_version, upgrade_options
 from .train import CHECKPOINTS_DIR, TrainConfig, TrainResult, check_run_dir, data_limits, prepare_dataset, train
 from .train.checkpoints import TRAINER_STATE_FILE
+from .train.options import renamed, simple_type
 
 EXIT_USER_ERROR = 2
 EXIT_INTERNAL_ERROR = 1
@@ -116,33 +117,22 @@ def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    """The `calm train` flags: base models, connections, data, and one flag per TrainConfig field."""
+    """The `calm train` flags besides TrainConfig's (the parser's parent): base models, connections, data."""
     add_base_arguments(parser)
     add_connection_arguments(parser)
     data = parser.add_argument_group("data")
     data.add_argument("--train-data", nargs="+", required=True, help="training JSONL file(s)")
     data.add_argument("--eval-data", nargs="+", default=None, help="evaluation JSONL file(s)")
-
-    options = parser.add_argument_group("training (TrainConfig)")
-    for f in fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        kind = type(f.default)
-        kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS,
-                                  "help": f"{f.metadata['help']} (default: {f.default!r})"}
-        if f.name == "output_dir":  # a run is never written to a place the user did not name
-            kwargs.update(required=True, help=f.metadata["help"])
-        if kind is bool:
-            kwargs["action"] = argparse.BooleanOptionalAction
-        else:
-            kwargs["type"] = kind
-            if f.metadata["choices"]:
-                kwargs["choices"] = f.metadata["choices"]
-        options.add_argument(flag, **kwargs)
+    for f in fields(TrainConfig):  # calm's --no-resume etc. (HfArgumentParser adds --no-x only for True defaults)
+        if f.name in TrainConfig.__annotations__ and simple_type(f) is bool and f.default is False:
+            parser.add_argument(f"--no-{f.name.replace('_', '-')}", dest=f.name, action="store_false",
+                                help=argparse.SUPPRESS)
 
 
 def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
     """TrainConfig from the flags given (and the `--config` file values the CLI turned into defaults)."""
-    return TrainConfig.from_dict({f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)})
+    return TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)
+                          if f.init and hasattr(args, f.name)})
 
 
 def parse_augment_norm(text: str) -> bool | str:
@@ -732,13 +722,17 @@ def cmd_reproduce(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="calm", description="Compose frozen Hugging Face causal LMs (CALM).")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    parser.add_argument("--debug", action="store_true", dest="show_traceback", help="show tracebacks for errors")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    def command(name: str, handler: Callable, help: str) -> argparse.ArgumentParser:
-        sub = commands.add_parser(name, help=help, description=help)
-        sub.add_argument("--config", type=Path, default=None, help="YAML file of options (flags override it)")
-        sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+    def command(name: str, handler: Callable, help: str, parents: Sequence[argparse.ArgumentParser] = (),
+                usage: str | None = None) -> argparse.ArgumentParser:
+        # "resolve": calm's --debug (tracebacks) takes the flag from TrainingArguments.debug (a config-file key)
+        sub = commands.add_parser(name, help=help, description=help, parents=list(parents), usage=usage,
+                                  conflict_handler="resolve")
+        sub.add_argument("--config", type=Path, default=None, help="YAML or JSON file of options (flags override "
+                         "it), e.g. a run's train_config.json")
+        sub.add_argument("--debug", action="store_true", dest="show_traceback", help="show tracebacks")
         sub.set_defaults(handler=handler)
         return sub
 
@@ -800,7 +794,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="seconds in-flight requests get to finish after Ctrl-C / SIGTERM")
     sub.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
-    sub = command("train", cmd_train, "train a composition on JSONL data")
+    sub = command("train", cmd_train, "train a composition on JSONL data", parents=[TrainConfig.parser()],
+                  usage="%(prog)s --anchor MODEL --augment MODEL --train-data FILE [FILE ...] --output-dir DIR "
+                        "[option ...]\n(options: calm's, and every transformers.TrainingArguments field as a flag)")
     add_train_arguments(sub)
 
     sub = command("reproduce", cmd_reproduce, "reproduce a result of the paper")
@@ -886,6 +882,8 @@ def apply_config_file(parser: argparse.ArgumentParser, argv: Sequence[str]) -> a
         if command == "train" and isinstance(values.get("train"), dict):
             values = _from_run_record(values, path)
         values = {str(k).replace("-", "_"): v for k, v in values.items()}
+        if command == "train":
+            values = renamed(values)  # calm's earlier option names (num_epochs, batch_size, ...)
         subparser = _subparsers(parser).choices[command]
         actions = {action.dest: action for action in subparser._actions}
         unknown = sorted(k for k in values if k not in actions or k in ("config", "help"))

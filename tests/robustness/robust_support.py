@@ -41,8 +41,9 @@ def composed(augment_mode: str = "iterative") -> calm.CALMForCausalLM:
 
 def quick(tmp_path: Path, name: str = "run", **overrides: Any) -> TrainConfig:
     """A few-step, quiet training configuration writing to tmp_path/name."""
-    options = dict(output_dir=str(tmp_path / name), batch_size=4, max_steps=4, logging_steps=1, save_steps=0,
-                   progress_bar=False, warmup_steps=0.25, learning_rate=1e-3, tensorboard=False, plot=False)
+    options = dict(output_dir=str(tmp_path / name), per_device_train_batch_size=4, max_steps=4, logging_steps=1,
+                   save_steps=0, progress_bar=False, warmup_steps=0.25, learning_rate=1e-3, tensorboard=False,
+                   plot=False)
     return TrainConfig(**{**options, **overrides})
 
 

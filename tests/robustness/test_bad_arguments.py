@@ -137,9 +137,9 @@ def test_unknown_precision_names_are_refused(name):
 
 
 @pytest.mark.parametrize(("field", "value", "allowed"), [
-    ("max_steps", -1, ">= 0"), ("grad_accum_steps", 0, "> 0"), ("logging_steps", 0, "> 0"),
-    ("max_length", 0, "> 0"), ("max_length", -5, "> 0"), ("eval_batch_size", -1, ">= 0"),
-    ("num_workers", -1, ">= 0"), ("warmup_steps", -0.1, ">= 0"), ("max_grad_norm", -1.0, ">= 0"),
+    ("max_steps", -2, ">= -1"), ("gradient_accumulation_steps", 0, "> 0"), ("logging_steps", 0, "> 0"),
+    ("max_length", 0, "> 0"), ("max_length", -5, "> 0"), ("per_device_eval_batch_size", -1, ">= 0"),
+    ("dataloader_num_workers", -1, ">= 0"), ("warmup_steps", -0.1, ">= 0"), ("max_grad_norm", -1.0, ">= 0"),
     ("save_total_limit", -1, ">= 0"), ("max_new_tokens", -3, ">= 0"), ("seed", -1, ">= 0"),
     ("learning_rate", 0.0, "> 0"), ("learning_rate", math.nan, "> 0"), ("learning_rate", math.inf, "> 0"),
     ("on_nan", "ignore", r"one of \('stop', 'skip'\)"), ("strict_length", "yes", "bool"),

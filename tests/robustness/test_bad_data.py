@@ -144,7 +144,8 @@ def test_training_never_feeds_an_absolute_position_model_beyond_its_context(tmp_
     anchor, augment = tiny("gpt2", 32, 2, 4, seed=0), tiny("llama", 16, 2, 2, seed=1)
     model = calm.compose(anchor, augment)
     with pytest.warns(TruncationWarning, match="max_length=256"):
-        result = train(model, char_tokenizer(), long_examples(), config=quick(tmp_path, max_steps=2, batch_size=2))
+        result = train(model, char_tokenizer(), long_examples(),
+                       config=quick(tmp_path, max_steps=2, per_device_train_batch_size=2))
     assert result.global_step == 2
     with pytest.raises(DataError, match=r"examples row 3: 407 tokens, longer than max_length=256"):
         train(calm.compose(anchor, augment), char_tokenizer(), long_examples(),

@@ -138,7 +138,7 @@ def train_on_d_c(model: PreTrainedModel, tokenizer, d_c: list[dict], out_dir: Pa
     parameter count."""
     # float32 on every device, as the base models train: a GPU (picked up when there is one) runs the CPU recipe,
     # not a bf16-autocast variant of it.
-    config = TrainConfig(output_dir=str(out_dir), max_steps=spec.steps, batch_size=spec.batch_size,
+    config = TrainConfig(output_dir=str(out_dir), max_steps=spec.steps, per_device_train_batch_size=spec.batch_size,
                          learning_rate=lr, weight_decay=spec.weight_decay, warmup_steps=0.05, save_steps=0,
                          logging_steps=10, exact_match=False, precision="fp32",
                          overwrite=True, seed=seed, cache_augment_states=isinstance(model, calm.CALMForCausalLM),

@@ -203,7 +203,7 @@ def train_on_d_c(model: PreTrainedModel, tokenizer, data: Data, spec: Translatio
                  seed: int) -> dict:
     """Train whatever in `model` requires grad on D_C; return its time, steps, loss and trainable parameters."""
     # float32 on every device (no bf16 autocast on a GPU): a run on a GPU trains what the CPU recipe trains.
-    config = TrainConfig(output_dir=str(out_dir), max_steps=spec.steps, batch_size=spec.batch_size,
+    config = TrainConfig(output_dir=str(out_dir), max_steps=spec.steps, per_device_train_batch_size=spec.batch_size,
                          learning_rate=lr, warmup_steps=0.05, save_steps=0, logging_steps=5, exact_match=False,
                          overwrite=True, seed=seed, max_length=spec.max_length, strict_length=True, plot=False,
                          tensorboard=False, precision="fp32")

@@ -9,7 +9,7 @@ under `torchrun` / `accelerate launch`, FSDP/DeepSpeed through its own options, 
 optimizer, scheduler, RNG and trainer state (the data position is the step count: the seeded sampler is
 replayed and skipped). This package adds what composition training needs on top, one concern per module:
 
-    options.py        TrainConfig (every option), TrainResult, and the Trainer's arguments they make
+    options.py        TrainConfig (transformers.TrainingArguments with calm's options), TrainResult
     run.py            train(): data checks, the run directory, train_config.json, the final model
     trainer.py        CompositionTrainer: the Trainer with the parts below plugged in, and exact match
     augment_cache.py  the frozen augments' tapped states, computed in the first epoch and reused after

@@ -41,7 +41,7 @@ from .checkpoints import (
     write_text_atomically,
 )
 from .metrics import METRICS_FILE, PLOT_FILE, EpochTimer, add_logging_callbacks, plot_loss
-from .options import TrainConfig, TrainResult, training_arguments
+from .options import TrainConfig, TrainResult
 from .trainer import CompositionTrainer
 
 logger = logging.get_logger(__name__)
@@ -57,8 +57,8 @@ def train(model: nn.Module, tokenizer: PreTrainedTokenizerBase, train_data: Data
     `calm.data.load_examples` / `calm.data.tokenize`. `run_info` (e.g. the base models' names) is recorded
     in train_config.json next to the options. Works under `torchrun` / `accelerate launch` unchanged.
     """
-    config = config or TrainConfig()
-    config.validate()
+    if config is None:
+        raise ValueError("train() needs config=TrainConfig(output_dir=...): where the run is written")
     max_length, vocab_size = data_limits(config, model_configs(model))
     train_set = prepare_dataset(train_data, tokenizer, config, max_length, vocab_size)
     eval_set = prepare_dataset(eval_data, tokenizer, config, max_length, vocab_size) if eval_data is not None else None
@@ -76,7 +76,7 @@ def train(model: nn.Module, tokenizer: PreTrainedTokenizerBase, train_data: Data
 
     run_dir = Path(config.output_dir)
     checkpoints = run_dir / CHECKPOINTS_DIR
-    args = training_arguments(config, checkpoints, has_eval=eval_set is not None)
+    args = config.for_trainer(checkpoints, has_eval=eval_set is not None)
     resume_from = prepare_run_dir(run_dir, checkpoints, config, args.should_save)
     cache = new_augment_cache(config, args) if config.cache_augment_states else None
     epoch_timer = EpochTimer()
@@ -140,7 +140,7 @@ def _write_run_config(path: Path, config: TrainConfig, train_set: TokenizedDatas
     caller adds."""
     data = {"train_examples": len(train_set), "train_tokens": train_set.stats["tokens"],
             "train_truncated": train_set.num_truncated, "eval_examples": len(eval_set) if eval_set else 0}
-    record = {"format": format_tag(RUN_RECORD), "train": config.to_dict(), **run_info,
+    record = {"format": format_tag(RUN_RECORD), "train": config.to_record(), **run_info,
               "data": {**data, **run_info.get("data", {})}}
     write_text_atomically(path, json.dumps(record, indent=2, default=str) + "\n")
 
