@@ -46,8 +46,8 @@ DATA = sum_examples(16)
 
 
 def options(root: Path, name: str = "run", **overrides: Any):
-    return quick(root, name, **{"max_steps": STEPS, "batch_size": 2, "save_steps": 2, "save_total_limit": 2,
-                                **overrides})
+    return quick(root, name, **{"max_steps": STEPS, "per_device_train_batch_size": 2, "save_steps": 2,
+                                "save_total_limit": 2, **overrides})
 
 
 def run(root: Path, name: str = "run", callbacks=(), model=None, **overrides: Any):
