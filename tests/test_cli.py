@@ -335,6 +335,21 @@ def test_generate_batches_a_file_of_prompts(run, tmp_path, monkeypatch, capsys):
     assert [(w["generated"], w["ended"]) for w in written] == [(c.text, c.ended) for c in expected]
 
 
+def test_device_map_places_the_bases_through_from_pretrained(run, monkeypatch, capsys):
+    out = run["dir"]
+    argv = ["generate", "--composition", str(out), "--prompt", "12+7=", "--max-new-tokens", "3"]
+    assert main([*argv, "--device", "cpu"]) == 0
+    on_device = capsys.readouterr().out
+    seen = []
+    real = transformers.AutoModelForCausalLM.from_pretrained
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained",
+                        lambda *a, **k: seen.append(k.get("device_map")) or real(*a, **k))
+    assert main([*argv, "--device-map", "cpu"]) == 0
+    assert capsys.readouterr().out == on_device and seen == ["cpu", "cpu"]
+    assert main([*argv, "--device", "cpu", "--device-map", "auto"]) == 2
+    assert "--device cpu and --device-map auto: give one of them" in capsys.readouterr().err
+
+
 def test_eval_and_generate_use_the_tokenizer_saved_with_the_composition(assets, tmp_path, capsys):
     """A composition saved with a changed tokenizer (one more token) is read and written through it, not through
     the anchor's."""
