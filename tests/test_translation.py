@@ -115,6 +115,34 @@ def test_replay_pieces_fit_and_join_d_c():
     assert examples[0] == task.example(pair, "uk") and examples[1:] == [task.replay_example(p) for p in pieces[:2]]
 
 
+def test_prompt_shots_put_worked_examples_before_every_trained_prompt(tmp_path):
+    """`prompt_shots`: the same worked examples open every trained row's prompt, in training and evaluation, and
+    they do not count against `max_length` (which chooses the verses)."""
+    from dataclasses import replace
+
+    import transformers
+    from tokenizer_support import char_tokenizer
+
+    bibles_or_skip()
+    tokenizer = char_tokenizer()
+    spec = exp.TranslationSpec(eval_split="validation", train_size=4, eval_size=3, replay_size=0, shots=3,
+                               prompt_shots=2, max_length=1500, steps=1, batch_size=2)
+    data = exp.make_data(spec, tokenizer)
+    plain = exp.make_data(replace(spec, prompt_shots=0), tokenizer)
+    assert data.prefix == task.worked_examples(data.shots[:2], "uk") and data.prefix.count("\nEnglish: ") == 2
+    assert (data.train, data.eval, data.shots) == (plain.train, plain.eval, plain.shots) and plain.prefix == ""
+    assert data.prompts("uk") == [data.prefix + task.prompt(p, "uk") for p in data.eval]
+    assert data.training_examples("uk") == [{**e, "prompt": data.prefix + e["prompt"]}
+                                            for e in plain.training_examples("uk")]
+    longest = max(len(tokenizer(e["prompt"] + e["completion"])["input_ids"]) + 1
+                  for e in plain.training_examples("uk"))
+    config = transformers.LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=16,
+                                      num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2)
+    model = transformers.LlamaForCausalLM(config)
+    run = exp.train_on_d_c(model, tokenizer, data, replace(spec, max_length=longest), tmp_path, 1e-3, seed=0)
+    assert run["steps"] == 1  # strict_length: an example over its limit would have stopped the run
+
+
 def fake_result(seed: int, calm_chrf: float) -> exp.TranslationResult:
     refs = ["He came.", "They went up to the temple to pray.", "Peter said to them, repent, and be baptized."]
     outputs = {"m_B, few-shot": ["He went.", "They went.", "Peter said."],

@@ -79,6 +79,9 @@ class TranslationSpec:
     lora_lr: float = 1e-3  # LoRA adapters: recipe 1's rate, never tuned
     full_finetune_lr: float = 5e-5  # every weight of m_B moves: a much smaller step
     shots: int = 3  # worked examples in the few-shot prompts (fixed D_C verses)
+    # Worked examples (the first of `shots`) before every trained row's prompt, in training and evaluation. m_A
+    # reads the text it is given: on the bare prompt Gemma-3 270M translates far worse than after a few examples.
+    prompt_shots: int = 0
     max_new_tokens: int = 96
     eval_batch_size: int = 16
     perplexity_paragraphs: int = 0  # 0: all of `task.english_prose(eval_split)`
@@ -101,10 +104,17 @@ class Data:
     eval: list[task.Pair]
     shots: list[task.Pair]
     replay: list[str] = field(default_factory=list)
+    prefix: str = ""  # worked examples before every trained row's prompt (`TranslationSpec.prompt_shots`)
 
     def training_examples(self, language: str) -> list[dict[str, str]]:
         """D_C as the trainer reads it: the verses, then the replayed prose (the trainer shuffles)."""
-        return [task.example(p, language) for p in self.train] + [task.replay_example(t) for t in self.replay]
+        verses = [task.example(p, language) for p in self.train]
+        verses = [{**v, "prompt": self.prefix + v["prompt"]} for v in verses]
+        return verses + [task.replay_example(t) for t in self.replay]
+
+    def prompts(self, language: str) -> list[str]:
+        """What a trained row is asked to translate: each evaluation verse's prompt, after the prefix."""
+        return [self.prefix + task.prompt(p, language) for p in self.eval]
 
 
 def make_data(spec: TranslationSpec, tokenizer) -> Data:
@@ -120,9 +130,10 @@ def make_data(spec: TranslationSpec, tokenizer) -> Data:
     # the same verses at most once.
     chosen = set(train_pairs)
     short = [p for p in task.split(pairs, "train", 0, fits) if p not in chosen and len(p.english) <= 100]
-    shots = short[:: max(1, len(short) // 7)][: spec.shots]
-    return Data(train_pairs, task.split(pairs, spec.eval_split, spec.eval_size, fits), shots,
-                replay_pieces(spec, tokenizer))
+    shots = short[:: max(1, len(short) // 7)][: max(spec.shots, spec.prompt_shots)]
+    prefix = task.worked_examples(shots[: spec.prompt_shots], spec.language)
+    return Data(train_pairs, task.split(pairs, spec.eval_split, spec.eval_size, fits), shots[: spec.shots],
+                replay_pieces(spec, tokenizer), prefix)
 
 
 def replay_pieces(spec: TranslationSpec, tokenizer) -> list[str]:
@@ -203,10 +214,11 @@ def train_on_d_c(model: PreTrainedModel, tokenizer, data: Data, spec: Translatio
                  seed: int) -> dict:
     """Train whatever in `model` requires grad on D_C; return its time, steps, loss and trainable parameters."""
     # float32 on every device (no bf16 autocast on a GPU): a run on a GPU trains what the CPU recipe trains.
+    prefix_tokens = len(tokenizer(data.prefix)["input_ids"]) + 2 if data.prefix else 0  # + a merge at the seam
     config = TrainConfig(output_dir=str(out_dir), max_steps=spec.steps, per_device_train_batch_size=spec.batch_size,
                          learning_rate=lr, warmup_steps=0.05, save_steps=0, logging_steps=5, exact_match=False,
-                         overwrite=True, seed=seed, max_length=spec.max_length, strict_length=True, plot=False,
-                         tensorboard=False, precision="fp32")
+                         overwrite=True, seed=seed, max_length=spec.max_length + prefix_tokens, strict_length=True,
+                         plot=False, tensorboard=False, precision="fp32")
     examples = data.training_examples(spec.language)
     start = time.perf_counter()
     result = train(model, tokenizer, examples, config=config)
@@ -315,7 +327,7 @@ def reproduce(out_dir: Path, spec: TranslationSpec, seed: int = 0, threads: int 
         if name in rows:
             record(name, translate(model, tokenizer, inputs, spec))
 
-    prompts = [task.prompt(p, spec.language) for p in data.eval]
+    prompts = data.prompts(spec.language)
     runs_dir = out_dir / "runs"
     calm_params = trainable_params(compose(bases, spec)) if "m_B + LoRA" in rows else 0
     builders: dict[str, tuple[Callable[[], PreTrainedModel], float]] = {

@@ -100,9 +100,14 @@ def example(pair: Pair, language: str) -> dict[str, str]:
     return {"prompt": prompt(pair, language), "completion": f" {pair.english}"}
 
 
+def worked_examples(shots: list[Pair], language: str) -> str:
+    """`shots` translated, each followed by a blank line: the text before a few-shot prompt."""
+    return "".join(prompt(s, language) + f" {s.english}\n\n" for s in shots)
+
+
 def few_shot_prompt(pair: Pair, shots: list[Pair], language: str) -> str:
     """`shots` as worked examples, then `pair`'s prompt; a base model continues with the translation."""
-    return "".join(prompt(s, language) + f" {s.english}\n\n" for s in shots) + prompt(pair, language)
+    return worked_examples(shots, language) + prompt(pair, language)
 
 
 def split(pairs: tuple[Pair, ...] | list[Pair], name: str, size: int = 0, fits=None) -> list[Pair]:
