@@ -245,7 +245,10 @@ def test_a_client_that_leaves_frees_its_slot(server):
     """Mid-stream, or before a whole response is ready: its row stops before its 250 tokens."""
     engine = server.engine
     body = {"model": NAME, "prompt": "1", "max_tokens": 250, "temperature": 0}
-    with httpx.Client(base_url=server.url, timeout=30) as http:
+    # The tiny model writes 250 tokens faster than the server polls for a gone client (every 0.5 s): slow each
+    # step so that the row is still running when the departure is noticed, on any machine.
+    slow_steps = engine.model.register_forward_pre_hook(lambda *_: time.sleep(0.01))
+    with slow_steps, httpx.Client(base_url=server.url, timeout=30) as http:
         for stream in (True, False):
             cancelled = engine.cancelled_rows
             if stream:
