@@ -399,14 +399,15 @@ def test_save_load_keeps_tokenizers_and_refuses_another(tmp_path):
 # ------------------------------------------------------------------------------------------- training
 
 
-def test_training_with_collator_alignment_and_augment_state_cache(tmp_path):
+@pytest.mark.parametrize("mode", ["iterative", "prompt"])
+def test_training_with_collator_alignment_and_augment_state_cache(tmp_path, mode):
     from calm.data import PaddingCollator, tokenize
     from calm.train import TrainConfig, train
 
     data = [{"prompt": f"{a} plus {b} is ", "completion": f"{a + b}. 日本"} for a in range(6) for b in range(4)]
     losses = []
     for cached in (False, True):
-        model, tok = composed(SMOL, GEMMA, init=True)
+        model, tok = composed(SMOL, GEMMA, mode, init=True)
         torch.manual_seed(0)
         config = TrainConfig(output_dir=str(tmp_path / f"run{cached}"), per_device_train_batch_size=4, max_steps=6,
                              logging_steps=1, save_steps=0, progress_bar=False, learning_rate=1e-3, seed=0,
@@ -415,14 +416,15 @@ def test_training_with_collator_alignment_and_augment_state_cache(tmp_path):
         losses.append(result.train_loss)
     assert losses[0] == pytest.approx(losses[1], rel=1e-4)
     # The collator, not the forward pass, builds the augment's ids and alignment.
-    model, tok = composed(SMOL, GEMMA)
+    model, tok = composed(SMOL, GEMMA, mode)
     rows = tokenize(data[:3], tok, 64).rows
-    batch = PaddingCollator(tok.pad_token_id, aligners=model.aligners)(rows)
+    batch = PaddingCollator(tok.pad_token_id, aligners=model.aligners, augment_mode=mode)(rows)
     assert batch["augment_inputs"][0]["input_ids"].shape[0] == 3
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
+              "augment_length": batch["augment_length"]}  # what "prompt" mode's augment reads (right padding)
     with torch.no_grad():
-        given = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                      augment_inputs=batch["augment_inputs"]).logits
-        computed = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        given = model(**inputs, augment_inputs=batch["augment_inputs"]).logits
+        computed = model(**inputs).logits
     assert torch.equal(given, computed)
 
 

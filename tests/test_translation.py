@@ -143,6 +143,38 @@ def test_prompt_shots_put_worked_examples_before_every_trained_prompt(tmp_path):
     assert run["steps"] == 1  # strict_length: an example over its limit would have stopped the run
 
 
+def test_runs_of_several_passes_read_m_a_once(tmp_path, monkeypatch):
+    """Past one pass over D_C, a composition's m_A states come from the augment-state cache; one pass, or a row
+    without m_A, does not cache."""
+    from dataclasses import replace
+
+    import transformers
+    from tokenizer_support import char_tokenizer
+
+    import calm
+
+    bibles_or_skip()
+    tokenizer = char_tokenizer()
+    spec = exp.TranslationSpec(eval_split="validation", train_size=4, eval_size=1, replay_size=0, max_length=1500,
+                               batch_size=2)
+    data = exp.make_data(spec, tokenizer)
+    cached = []
+    real_train = exp.train
+    monkeypatch.setattr(exp, "train", lambda *a, config, **k: cached.append(config.cache_augment_states)
+                        or real_train(*a, config=config, **k))
+
+    def llama() -> transformers.PreTrainedModel:
+        return transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            vocab_size=len(tokenizer), hidden_size=16, intermediate_size=16, num_hidden_layers=2,
+            num_attention_heads=2, num_key_value_heads=2))
+
+    for steps in (2, 4):  # one pass, two passes
+        composition = calm.compose(llama().requires_grad_(False), llama().requires_grad_(False), num_connections=1)
+        exp.train_on_d_c(composition, tokenizer, data, replace(spec, steps=steps), tmp_path, 1e-3, seed=0)
+    exp.train_on_d_c(llama(), tokenizer, data, replace(spec, steps=4), tmp_path, 1e-3, seed=0)
+    assert cached == [False, True, False]
+
+
 def fake_result(seed: int, calm_chrf: float) -> exp.TranslationResult:
     refs = ["He came.", "They went up to the temple to pray.", "Peter said to them, repent, and be baptized."]
     outputs = {"m_B, few-shot": ["He went.", "They went.", "Peter said."],

@@ -215,11 +215,14 @@ def train_on_d_c(model: PreTrainedModel, tokenizer, data: Data, spec: Translatio
     """Train whatever in `model` requires grad on D_C; return its time, steps, loss and trainable parameters."""
     # float32 on every device (no bf16 autocast on a GPU): a run on a GPU trains what the CPU recipe trains.
     prefix_tokens = len(tokenizer(data.prefix)["input_ids"]) + 2 if data.prefix else 0  # + a merge at the seam
+    examples = data.training_examples(spec.language)
+    # Past the first pass over D_C, the frozen m_A's states come from the cache: m_A never runs again.
+    several_passes = spec.steps * spec.batch_size > len(examples)
     config = TrainConfig(output_dir=str(out_dir), max_steps=spec.steps, per_device_train_batch_size=spec.batch_size,
                          learning_rate=lr, warmup_steps=0.05, save_steps=0, logging_steps=5, exact_match=False,
                          overwrite=True, seed=seed, max_length=spec.max_length + prefix_tokens, strict_length=True,
+                         cache_augment_states=several_passes and isinstance(model, calm.CALMForCausalLM),
                          plot=False, tensorboard=False, precision="fp32")
-    examples = data.training_examples(spec.language)
     start = time.perf_counter()
     result = train(model, tokenizer, examples, config=config)
     model.eval()
