@@ -13,11 +13,12 @@ VOCAB = 96
 torch.set_num_threads(1)
 
 
-def tiny(arch: str, width: int = 32, layers: int = 4, heads: int = 4, seed: int = 0) -> tf.PreTrainedModel:
+def tiny(arch: str, width: int = 32, layers: int = 4, heads: int = 4, seed: int = 0,
+         vocab: int = VOCAB, positions: int = 256) -> tf.PreTrainedModel:
     """A tiny random causal LM of architecture `arch`, in eval mode."""
     torch.manual_seed(seed)
-    common = dict(vocab_size=VOCAB, hidden_size=width, num_hidden_layers=layers, num_attention_heads=heads,
-                  intermediate_size=2 * width, max_position_embeddings=256, pad_token_id=0, eos_token_id=1,
+    common = dict(vocab_size=vocab, hidden_size=width, num_hidden_layers=layers, num_attention_heads=heads,
+                  intermediate_size=2 * width, max_position_embeddings=positions, pad_token_id=0, eos_token_id=1,
                   bos_token_id=2)
     if arch == "llama":
         config = tf.LlamaConfig(**common, num_key_value_heads=max(1, heads // 2))
@@ -34,7 +35,7 @@ def tiny(arch: str, width: int = 32, layers: int = 4, heads: int = 4, seed: int 
     elif arch == "gpt_neox":
         config = tf.GPTNeoXConfig(**common)
     elif arch == "gpt2":
-        config = tf.GPT2Config(vocab_size=VOCAB, n_embd=width, n_layer=layers, n_head=heads, n_positions=256,
+        config = tf.GPT2Config(vocab_size=vocab, n_embd=width, n_layer=layers, n_head=heads, n_positions=positions,
                                pad_token_id=0, eos_token_id=1, bos_token_id=2)
     else:
         raise ValueError(arch)

@@ -120,7 +120,7 @@ def test_prompt_shots_put_worked_examples_before_every_trained_prompt(tmp_path):
     they do not count against `max_length` (which chooses the verses)."""
     from dataclasses import replace
 
-    import transformers
+    from conftest import tiny
     from tokenizer_support import char_tokenizer
 
     bibles_or_skip()
@@ -136,9 +136,7 @@ def test_prompt_shots_put_worked_examples_before_every_trained_prompt(tmp_path):
                                             for e in plain.training_examples("uk")]
     longest = max(len(tokenizer(e["prompt"] + e["completion"])["input_ids"]) + 1
                   for e in plain.training_examples("uk"))
-    config = transformers.LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=16,
-                                      num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2)
-    model = transformers.LlamaForCausalLM(config)
+    model = tiny("llama", width=16, layers=1, heads=2, vocab=len(tokenizer), positions=2048)
     run = exp.train_on_d_c(model, tokenizer, data, replace(spec, max_length=longest), tmp_path, 1e-3, seed=0)
     assert run["steps"] == 1  # strict_length: an example over its limit would have stopped the run
 
@@ -148,7 +146,7 @@ def test_runs_of_several_passes_read_m_a_once(tmp_path, monkeypatch):
     without m_A, does not cache."""
     from dataclasses import replace
 
-    import transformers
+    from conftest import tiny
     from tokenizer_support import char_tokenizer
 
     import calm
@@ -163,15 +161,13 @@ def test_runs_of_several_passes_read_m_a_once(tmp_path, monkeypatch):
     monkeypatch.setattr(exp, "train", lambda *a, config, **k: cached.append(config.cache_augment_states)
                         or real_train(*a, config=config, **k))
 
-    def llama() -> transformers.PreTrainedModel:
-        return transformers.LlamaForCausalLM(transformers.LlamaConfig(
-            vocab_size=len(tokenizer), hidden_size=16, intermediate_size=16, num_hidden_layers=2,
-            num_attention_heads=2, num_key_value_heads=2))
+    def llama() -> torch.nn.Module:
+        return tiny("llama", width=16, layers=2, heads=2, vocab=len(tokenizer), positions=2048).requires_grad_(False)
 
     for steps in (2, 4):  # one pass, two passes
-        composition = calm.compose(llama().requires_grad_(False), llama().requires_grad_(False), num_connections=1)
+        composition = calm.compose(llama(), llama(), num_connections=1)
         exp.train_on_d_c(composition, tokenizer, data, replace(spec, steps=steps), tmp_path, 1e-3, seed=0)
-    exp.train_on_d_c(llama(), tokenizer, data, replace(spec, steps=4), tmp_path, 1e-3, seed=0)
+    exp.train_on_d_c(llama().requires_grad_(True), tokenizer, data, replace(spec, steps=4), tmp_path, 1e-3, seed=0)
     assert cached == [False, True, False]
 
 
