@@ -24,7 +24,7 @@ demo: $(STAMP)
 	$(VENV)/bin/calm reproduce kv-arithmetic
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff check src tests benchmarks research
 
 test: lint
 	$(VENV)/bin/pytest -q

@@ -1,5 +1,6 @@
 """How often would Gemma read a non-canonical split if the completion were cut at SmolLM2's token boundaries?"""
 import random
+
 from calm.packaged import load_tokenizer
 from calm.tasks import translation as task
 
@@ -22,7 +23,9 @@ for side in ("english", "source"):
                 continue
             split_ids += g(buf, add_special_tokens=False)["input_ids"]
             buf = ""
-        atok += len(ids); gtok += len(canon); gsplit += len(split_ids)
+        atok += len(ids)
+        gtok += len(canon)
+        gsplit += len(split_ids)
         for w in text.split():
             words += 1
             ww = " " + w
@@ -30,8 +33,10 @@ for side in ("english", "source"):
             b, sp = "", []
             for piece in wa:
                 b += piece
-                if "\ufffd" in b: continue
-                sp += g(b, add_special_tokens=False)["input_ids"]; b = ""
+                if "\ufffd" in b:
+                    continue
+                sp += g(b, add_special_tokens=False)["input_ids"]
+                b = ""
             same += sp == g(ww, add_special_tokens=False)["input_ids"]
     print(f"{side}: anchor tokens {atok}, gemma canonical {gtok}, gemma cut at anchor boundaries {gsplit}; "
           f"words read as Gemma reads them whole: {same}/{words} = {same/words:.1%}")

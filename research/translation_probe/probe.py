@@ -2,15 +2,21 @@
 Usage: .venv/bin/python probe.py smollm2-135m-instruct|gemma-3-270m   -> probe_<name>.json
 Greedy, max 60 new tokens, stop at the first newline. Also a teacher-forced check: mean NLL/token of the reference
 English given the few-shot prompt with the right Japanese vs with a wrong (another verse's) Japanese."""
-import json, random, sys, time
+import json
+import random
+import sys
+import time
+
 import torch
+
 torch.set_num_threads(1)
 sys.path.insert(0, "/work/main/tests")
-from transformers import AutoModelForCausalLM, StoppingCriteria, StoppingCriteriaList
-from calm.packaged import from_pretrained_kwargs
-from tokenizer_support import real_tokenizer
-import sacrebleu
-from data import load_pairs
+import sacrebleu  # noqa: E402 (after the thread count and the path)
+from data import load_pairs  # noqa: E402 (after the thread count and the path)
+from tokenizer_support import real_tokenizer  # noqa: E402 (after the thread count and the path)
+from transformers import AutoModelForCausalLM, StoppingCriteria, StoppingCriteriaList  # noqa: E402 (after the thread count and the path)
+
+from calm.packaged import from_pretrained_kwargs  # noqa: E402 (after the thread count and the path)
 
 NAME = sys.argv[1]
 N = int(sys.argv[2]) if len(sys.argv) > 2 else 40
@@ -24,8 +30,8 @@ WRONG = VAL[1:] + VAL[:1]  # each query's Japanese swapped for the next one's (f
 
 # short modern Japanese written for this probe (first 5 are modern renderings of John verses in VAL-style)
 MODERN = [
-    ("初めに言葉があった。言葉は神と共にあり、言葉は神であった。", "In the beginning was the Word, and the Word was with God, and the Word was God."),
-    ("光は闇の中で輝いている。闇は光に勝たなかった。", "The light shines in the darkness, and the darkness has not overcome it."),
+    ("初めに言葉があった。言葉は神と共にあり、言葉は神であった。", "In the beginning was the Word, and the Word was with God, and the Word was God."),  # noqa: E501
+    ("光は闇の中で輝いている。闇は光に勝たなかった。", "The light shines in the darkness, and the darkness has not overcome it."),  # noqa: E501
     ("イエスは涙を流した。", "Jesus wept."),
     ("神はその独り子を与えるほど、世を愛した。", "God so loved the world that he gave his only Son."),
     ("わたしは道であり、真理であり、命である。", "I am the way, the truth, and the life."),
@@ -52,7 +58,8 @@ def fewshot(ja, shots):
 
 
 def chat(ja):
-    msgs = [{"role": "user", "content": f"Translate this Japanese text into English. Reply with the translation only.\n\n{ja}"}]
+    request = "Translate this Japanese text into English. Reply with the translation only."
+    msgs = [{"role": "user", "content": f"{request}\n\n{ja}"}]
     return tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
 
 
@@ -120,9 +127,13 @@ if "smollm2" in NAME:
 # teacher-forced NLL of the reference with the right vs a wrong Japanese source (same few-shot prompt)
 nr = nw = n = 0
 for p, w in zip(VAL, WRONG):
-    a, k = ref_nll(fewshot(p["ja"], shots), p["en"]); b, _ = ref_nll(fewshot(w["ja"], shots), p["en"])
-    nr += a; nw += b; n += k
+    a, k = ref_nll(fewshot(p["ja"], shots), p["en"])
+    b, _ = ref_nll(fewshot(w["ja"], shots), p["en"])
+    nr += a
+    nw += b
+    n += k
 results["nll_right_src"] = round(nr / n, 3)
 results["nll_wrong_src"] = round(nw / n, 3)
 print("NLL/token of reference: right source", results["nll_right_src"], "wrong source", results["nll_wrong_src"])
-json.dump(results, open(f"probe_{NAME}.json", "w"), indent=1, ensure_ascii=False)
+with open(f"probe_{NAME}.json", "w") as f:
+    json.dump(results, f, indent=1, ensure_ascii=False)

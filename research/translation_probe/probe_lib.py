@@ -1,11 +1,15 @@
 """Shared helpers (same prompt / decoding / NLL as probe.py) for alt_probe.py."""
-import sys, time
+import sys
+import time
+
 import torch
+
 sys.path.insert(0, "/work/main/tests")
-from transformers import AutoModelForCausalLM, StoppingCriteria, StoppingCriteriaList
-from calm.packaged import from_pretrained_kwargs
-from tokenizer_support import real_tokenizer
 import sacrebleu
+from tokenizer_support import real_tokenizer
+from transformers import AutoModelForCausalLM, StoppingCriteria, StoppingCriteriaList
+
+from calm.packaged import from_pretrained_kwargs
 
 
 def fewshot(src, shots, lang="Source"):
@@ -43,8 +47,11 @@ class Model:
         wrong = pairs[1:] + pairs[:1]
         a = b = n = 0
         for (s, e), (w, _) in zip(pairs, wrong):
-            x, k = self.ref_nll(fewshot(s, shots, lang), e); y, _ = self.ref_nll(fewshot(w, shots, lang), e)
-            a += x; b += y; n += k
+            x, k = self.ref_nll(fewshot(s, shots, lang), e)
+            y, _ = self.ref_nll(fewshot(w, shots, lang), e)
+            a += x
+            b += y
+            n += k
         return {"nll_right_src": round(a / n, 3), "nll_wrong_src": round(b / n, 3)}
 
     def gen_eval(self, pairs, shots, lang):

@@ -3,12 +3,17 @@ SmolLM2-135M: forward+backward, batch 8x128 (all params require grad, i.e. an up
 also with params frozen and grad only w.r.t. input embeddings, closer to CALM where bases are frozen).
 Gemma-3 270M: no-grad forward 8x96, full 18 blocks and truncated to its first 12.
 Greedy generation ms/token (batch 1, KV cache, 16-token prompt, 64 new tokens) for both."""
-import json, sys, time, copy
+import json
+import sys
+import time
+
 import torch
+
 THREADS = int(sys.argv[1])
 torch.set_num_threads(THREADS)
-from transformers import AutoModelForCausalLM
-from calm.packaged import from_pretrained_kwargs
+from transformers import AutoModelForCausalLM  # noqa: E402 (after the thread count)
+
+from calm.packaged import from_pretrained_kwargs  # noqa: E402
 
 res = {"threads": THREADS}
 
@@ -17,7 +22,9 @@ def best(f, reps=3):
     f()  # warmup
     ts = []
     for _ in range(reps):
-        t = time.perf_counter(); f(); ts.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        f()
+        ts.append(time.perf_counter() - t)
     return round(min(ts), 3), round(sum(ts) / len(ts), 3)
 
 
@@ -56,13 +63,17 @@ def gen_ms_per_token(model, prompt_len=16, new=64):
     kw = dict(attention_mask=torch.ones_like(p), do_sample=False, pad_token_id=0)
     with torch.no_grad():
         model.generate(p, max_new_tokens=4, min_new_tokens=4, **kw)
-        t = time.perf_counter(); model.generate(p, max_new_tokens=1, min_new_tokens=1, **kw); t1 = time.perf_counter() - t
-        t = time.perf_counter(); model.generate(p, max_new_tokens=new, min_new_tokens=new, **kw); tn = time.perf_counter() - t
+        t = time.perf_counter()
+        model.generate(p, max_new_tokens=1, min_new_tokens=1, **kw)
+        t1 = time.perf_counter() - t
+        t = time.perf_counter()
+        model.generate(p, max_new_tokens=new, min_new_tokens=new, **kw)
+        tn = time.perf_counter() - t
     return round((tn - t1) / (new - 1) * 1000, 1)
 
 
 res["smollm2_gen_ms_per_token"] = gen_ms_per_token(sm)
-del sm
+sm = None  # frees SmolLM2 before Gemma loads
 print(res, flush=True)
 
 ge = load("gemma-3-270m").eval()
@@ -81,4 +92,5 @@ with torch.no_grad():
     res["gemma_fwd_nograd_8x96_18blocks_nohead_s"] = best(lambda: inner(input_ids=gids))
 res["gemma_gen_ms_per_token"] = gen_ms_per_token(ge)
 print(res, flush=True)
-json.dump(res, open(f"timing_{THREADS}t.json", "w"), indent=1)
+with open(f"timing_{THREADS}t.json", "w") as f:
+    json.dump(res, f, indent=1)
