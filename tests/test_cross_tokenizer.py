@@ -166,20 +166,40 @@ def test_full_forward_equals_every_prefix_forward(anchor_name, augment_name):
     assert prefix_error(model, ids) < 1e-4
 
 
+@pytest.mark.parametrize("mode", ["prompt", "stepwise"])
 @pytest.mark.parametrize("anchor_name,augment_name", [(SMOL, GEMMA), (CHAR, SMOL)])
 @torch.no_grad()
-def test_prompt_mode_prefix_consistency(anchor_name, augment_name):
-    """With the augment reading a prompt of P columns, position t of a full forward equals the last position of
-    a forward over the first t + 1 columns with the same prompt length, inside the prompt and after it."""
-    model, tok = composed(anchor_name, augment_name, mode="prompt")
+def test_prompt_mode_prefix_consistency(anchor_name, augment_name, mode):
+    """With a prompt of P columns, position t of a full forward equals the last position of a forward over the
+    first t + 1 columns with the same prompt length, inside the prompt and after it."""
+    model, tok = composed(anchor_name, augment_name, mode=mode)
     ids = encode(tok, HARD_TEXT)
     prompt = ids.shape[1] // 2
     full = model(input_ids=ids, augment_length=prompt).logits
     for t in range(ids.shape[1]):
         pre = model(input_ids=ids[:, : t + 1], augment_length=prompt, logits_to_keep=1).logits[:, -1]
         assert (pre - full[:, t]).abs().max() < 1e-4, f"position {t}"
-    # Past the prompt, the augment's part is fixed: it differs from iterative reading.
+    # Past the prompt, the augment's part is fixed ("prompt") or read token by token ("stepwise"): either
+    # differs from iterative reading, which waits for each word.
     assert (full[:, -1] - model(input_ids=ids, augment_mode="iterative").logits[:, -1]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("anchor_name,augment_name", [(SMOL, GEMMA), (CHAR, SMOL)])
+def test_stepwise_reads_the_completion_without_lag_and_nothing_ahead(anchor_name, augment_name):
+    """"stepwise": inside the prompt an augment token is seen once its word is complete; after it, a position
+    sees exactly the text read so far (up to a UTF-8 character still arriving), and never more."""
+    anchor_tok, augment_tok = tokenizer(anchor_name), tokenizer(augment_name)
+    aligner = TokenizerAligner(anchor_tok, augment_tok)
+    ids = encode(anchor_tok, HARD_TEXT)
+    prompt = ids.shape[1] // 2
+    inputs = aligner.align(ids, prompt_lengths=torch.tensor([prompt]), stepwise=True)
+    anchor_table, augment_table = token_bytes(anchor_tok), token_bytes(augment_tok)
+    for t in range(ids.shape[1]):
+        read = b"".join(anchor_table[i] for i in ids[0, : t + 1].tolist())
+        seen = b"".join(augment_table[i] for i in inputs["input_ids"][0][inputs["visible_from"][0] <= t].tolist())
+        assert read.startswith(seen), f"position {t} sees text not yet read"
+        if t >= prompt - 1:
+            assert read.decode("utf-8", "ignore") == seen.decode("utf-8", "ignore"), f"position {t} lags"
 
 
 @torch.no_grad()
@@ -256,7 +276,7 @@ def left_padded(tok, texts):
 PROMPTS = ["The weather in 東京 is", "Ça va? ", "日本語の文章を書きます。", "a\tb  c"]
 
 
-@pytest.mark.parametrize("mode", ["iterative", "prompt"])
+@pytest.mark.parametrize("mode", ["iterative", "prompt", "stepwise"])
 @pytest.mark.parametrize("anchor_name,augment_name", [(SMOL, GEMMA), (CHAR, SMOL)])
 def test_cached_greedy_equals_uncached_recomputation(anchor_name, augment_name, mode):
     global prompt_columns
@@ -271,7 +291,7 @@ def test_cached_greedy_equals_uncached_recomputation(anchor_name, augment_name, 
     assert (torch.stack(out.logits, 1) - reference_logits).abs().max() < 1e-4
 
 
-@pytest.mark.parametrize("mode", ["iterative", "prompt"])
+@pytest.mark.parametrize("mode", ["iterative", "prompt", "stepwise"])
 def test_left_padded_batch_equals_each_row_alone(mode):
     model, tok = composed(SMOL, GEMMA, mode)
     ids, mask = left_padded(tok, PROMPTS)
@@ -399,7 +419,7 @@ def test_save_load_keeps_tokenizers_and_refuses_another(tmp_path):
 # ------------------------------------------------------------------------------------------- training
 
 
-@pytest.mark.parametrize("mode", ["iterative", "prompt"])
+@pytest.mark.parametrize("mode", ["iterative", "prompt", "stepwise"])
 def test_training_with_collator_alignment_and_augment_state_cache(tmp_path, mode):
     from calm.data import PaddingCollator, tokenize
     from calm.train import TrainConfig, train
@@ -421,7 +441,7 @@ def test_training_with_collator_alignment_and_augment_state_cache(tmp_path, mode
     batch = PaddingCollator(tok.pad_token_id, aligners=model.aligners, augment_mode=mode)(rows)
     assert batch["augment_inputs"][0]["input_ids"].shape[0] == 3
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
-              "augment_length": batch["augment_length"]}  # what "prompt" mode's augment reads (right padding)
+              "augment_length": batch["augment_length"]}  # the prompts' lengths (right padding)
     with torch.no_grad():
         given = model(**inputs, augment_inputs=batch["augment_inputs"]).logits
         computed = model(**inputs).logits

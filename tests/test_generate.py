@@ -71,6 +71,10 @@ def test_prompt_mode_differs_from_iterative_and_per_call_override():
     iterative = model.generate(ids, **kwargs)
     prompt = model.generate(ids, augment_mode="prompt", **kwargs)
     assert not torch.allclose(torch.stack(iterative.logits), torch.stack(prompt.logits), atol=1e-4)
+    # "stepwise" changes only how a different-tokenizer augment cuts the text: with a shared one it is iterative.
+    stepwise = model.generate(ids, augment_mode="stepwise", **kwargs)
+    assert torch.equal(stepwise.sequences, iterative.sequences)
+    assert torch.allclose(torch.stack(stepwise.logits), torch.stack(iterative.logits), atol=1e-5)
     with pytest.raises(ValueError, match="augment_mode"):
         model.generate(ids, augment_mode="encoder", **kwargs)
 

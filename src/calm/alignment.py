@@ -15,6 +15,12 @@ any prefix give the same result (no future leak, training = inference), and the 
 once made, so generation runs the augment incrementally with its own cache. The price is a lag: an anchor
 position does not see the word (or the run of up to `MAX_CHUNK_CHARS` characters) that it is still in.
 
+In "stepwise" mode (`augment_mode="stepwise"`) the prompt is cut into chunks as above, but everything after it
+(the completion the anchor writes) is cut at the anchor's own token boundaries: each anchor token's text is a
+chunk of its own, complete as soon as that token is, so the augment's state after the newest token is visible
+at once and the lag goes. The augment then reads the completion as the anchor's tokenizer splits it, not as it
+would split the text itself (for English words in byte-level BPE the two mostly agree).
+
 Each augment token's rotary position in the cross-attention is the anchor position whose token brought the
 token's last character, so "the augment's reading of this very text" is at offset 0 or just behind.
 """
@@ -192,6 +198,7 @@ class RowAligner:
     tail_positions: list[int] = field(default_factory=list)  # per tail character: the anchor position it came at
     started: bool = False  # the augment's prefix (its BOS) is out
     chunks: int = 0  # chunks made final so far
+    stepwise: bool = False  # past the prompt in "stepwise" mode: every anchor token is a chunk of its own
 
     def feed(self, token: int, column: int, position: int) -> list[Slot]:
         """The augment tokens that anchor token `token` (at `column`, rotary `position`) makes final."""
@@ -199,6 +206,8 @@ class RowAligner:
         self.started = True
         table = self.aligner.anchor_bytes
         text = self.decoder.decode(table[token] if 0 <= token < len(table) else b"")
+        if self.stepwise:  # (a token that ends inside a UTF-8 character adds its bytes to the next token's chunk)
+            return slots + self._final([(text, [position] * len(text))] if text else [], column)
         chunks: list[tuple[str, list[int]]] = []
         for char in text:
             if self.tail and is_chunk_boundary(self.tail[-1], char, len(self.tail)):
@@ -223,7 +232,8 @@ class RowAligner:
     def copy(self) -> RowAligner:
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         decoder.setstate(self.decoder.getstate())
-        return RowAligner(self.aligner, decoder, self.tail, list(self.tail_positions), self.started, self.chunks)
+        return RowAligner(self.aligner, decoder, self.tail, list(self.tail_positions), self.started, self.chunks,
+                          self.stepwise)
 
 
 def _reader(tokenizer: PreTrainedTokenizerBase, continuation: bool) -> Tokenizer:
@@ -295,13 +305,14 @@ class TokenizerAligner:
 
     def align(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
               position_ids: torch.Tensor | None = None, prompt_lengths: torch.Tensor | None = None,
-              ) -> dict[str, torch.Tensor]:
+              stepwise: bool = False) -> dict[str, torch.Tensor]:
         """Augment inputs for a padded batch of anchor ids (left or right padding), packed as by `pack`.
         `position_ids` default to counting each row's real tokens. With `prompt_lengths` (in columns, per row)
-        a row's text ends there, and its last chunk is made final."""
+        a row's text ends there, and its last chunk is made final; with `stepwise` too, the row goes on after
+        its prompt one anchor token per chunk."""
         state = AlignmentState(self)
         lengths = None if prompt_lengths is None else [int(n) for n in prompt_lengths]
-        return state.feed(input_ids, attention_mask, position_ids, 0, lengths)
+        return state.feed(input_ids, attention_mask, position_ids, 0, lengths, stepwise)
 
     def pack(self, rows: list[list[Slot]], device: torch.device | str = "cpu", start: torch.Tensor | None = None
              ) -> dict[str, torch.Tensor]:
@@ -336,10 +347,10 @@ class AlignmentState:
         self.counts: torch.Tensor | None = None  # (B,): real slots so far (the augment's next position)
 
     def feed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None,
-             past: int, prompt_lengths: list[int] | None = None) -> dict[str, torch.Tensor]:
+             past: int, prompt_lengths: list[int] | None = None, stepwise: bool = False) -> dict[str, torch.Tensor]:
         """Feed the new anchor columns `past ... past + T - 1` (padding columns are skipped); return the new
-        slots, packed (see `TokenizerAligner.pack`). A row whose `prompt_lengths` entry is reached stops there
-        and makes its last chunk final."""
+        slots, packed (see `TokenizerAligner.pack`). A row whose `prompt_lengths` entry is reached makes its last
+        chunk final and stops there, or, `stepwise`, reads every later anchor token as a chunk of its own."""
         batch, length = input_ids.shape
         if not self.rows:
             self.rows = [self.aligner.new_row() for _ in range(batch)]
@@ -357,12 +368,13 @@ class AlignmentState:
             slots = []
             for i in range(length):
                 column = past + i
-                if end is not None and column >= end:
+                if end is not None and column >= end and not stepwise:
                     break
                 if real[b][i]:
                     slots += row.feed(ids[b][i], column, positions[b][i])
                 if end is not None and column == end - 1:
                     slots += row.flush(column)
+                    row.stepwise = stepwise
             new.append(slots)
         packed = self.aligner.pack(new, input_ids.device, start=self.counts)
         self.counts = self.counts + packed["attention_mask"].sum(-1).cpu()

@@ -109,8 +109,10 @@ def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
                        help="identity (the default): zero output projections, so the composition starts as exactly "
                             "the anchor; random: PyTorch's default init of every projection (paper: a deprecated "
                             "name of random)")
-    group.add_argument("--augment-mode", default="iterative", choices=["iterative", "prompt"],
-                       help="augments read every token (iterative, the paper's default) or only the prompt")
+    group.add_argument("--augment-mode", default="iterative", choices=["iterative", "prompt", "stepwise"],
+                       help="augments read every token (iterative, the paper's default), only the prompt, or "
+                            "(stepwise) every token with a different-tokenizer augment reading the completion one "
+                            "anchor token at a time")
     group.add_argument("--composition-dtype", default="float32", choices=[*COMPOSITION_DTYPES, "auto"],
                        help="dtype of the composition layers' weights (default: float32; auto: the anchor's, e.g. "
                             "bfloat16 for fused attention kernels; float16 layers need a loss scaler to train)")
@@ -750,7 +752,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--composition", required=True, help="directory written by save_pretrained / calm train")
         add_base_arguments(sub, required=False)
         add_device_arguments(sub)
-        sub.add_argument("--augment-mode", default=None, choices=["iterative", "prompt"])
+        sub.add_argument("--augment-mode", default=None, choices=["iterative", "prompt", "stepwise"])
         sub.add_argument("--max-new-tokens", type=_positive_int, default=64)
         if name == "generate":
             which = sub.add_mutually_exclusive_group()
@@ -784,7 +786,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--port", type=_bounded(int, 1, 65535), default=8000)
     sub.add_argument("--model-name", default=None, help="the model id clients send (default: the directory's name)")
     add_device_arguments(sub)
-    sub.add_argument("--augment-mode", default=None, choices=["iterative", "prompt"])
+    sub.add_argument("--augment-mode", default=None, choices=["iterative", "prompt", "stepwise"])
     sub.add_argument("--chat-template", default=None, help="Jinja chat template file (default: the tokenizer's)")
     sub.add_argument("--max-batch-size", type=_positive_int, default=32, help="most sequences decoded together")
     sub.add_argument("--batch-window-ms", type=_bounded(float, 0.0), default=10.0,

@@ -15,7 +15,7 @@ INITS = ("identity", "random")
 # Old names of an init, still accepted with a DeprecationWarning. "paper" was renamed "random": the paper does not
 # say how its layers are initialised.
 DEPRECATED_INITS = {"paper": "random"}
-AUGMENT_MODES = ("iterative", "prompt")
+AUGMENT_MODES = ("iterative", "prompt", "stepwise")
 # The dtypes the composition layers can be kept in (torch's names). "auto" in `compose` picks the anchor's.
 COMPOSITION_DTYPES = ("float32", "bfloat16", "float16")
 # The options of a composition besides its connections and base models: what a saved composition, a training

@@ -443,7 +443,7 @@ class PaddingCollator:
     With `aligners` (a composition's, one per augment, None where an augment shares the anchor's tokenizer),
     it also builds `augment_inputs`: each other augment's own token ids and alignment, so that this work happens
     in the data loader rather than in the forward pass. `augment_mode="prompt"` ends each row's text at its
-    prompt, as the model does."""
+    prompt, and "stepwise" reads what follows it one anchor token at a time, as the model does."""
 
     pad_token_id: int
     padding_side: str = "right"
@@ -461,12 +461,13 @@ class PaddingCollator:
         }
         if self.aligners is not None and any(a is not None for a in self.aligners):
             prompt_lengths = None
-            if self.augment_mode == "prompt":  # in columns, as the model counts them
+            if self.augment_mode != "iterative":  # in columns, as the model counts them
                 offsets = batch["input_ids"].shape[1] - torch.tensor([len(i) for i in ids])
                 prompt_lengths = batch["augment_length"] + (offsets if self.padding_side == "left" else 0)
             batch["augment_inputs"] = [
                 None if aligner is None else aligner.align(batch["input_ids"], batch["attention_mask"],
-                                                           prompt_lengths=prompt_lengths)
+                                                           prompt_lengths=prompt_lengths,
+                                                           stepwise=self.augment_mode == "stepwise")
                 for aligner in self.aligners]
         return batch
 

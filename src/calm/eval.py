@@ -118,7 +118,7 @@ def mean_loss(model: Any, tokenizer: Any, examples: Any, batch_size: int = 32, m
 
     A composition in "prompt" augment mode (its config's, or `augment_mode="prompt"` in `forward_kwargs`) is
     scored as it is trained: the augments read each example's prompt only (`augment_length`), never the
-    completion whose loss is measured."""
+    completion whose loss is measured; in "stepwise" mode they read the completion token by token after it."""
     scored = [s for s in example_losses(model, tokenizer, examples, batch_size, max_length, **forward_kwargs) if s]
     return sum(total for total, _ in scored) / max(sum(count for _, count in scored), 1)
 
@@ -136,7 +136,7 @@ def example_losses(model: Any, tokenizer: Any, examples: Any, batch_size: int = 
         check_token_ids(dataset, vocab_size, pad_token_id(tokenizer))
     collate = PaddingCollator(pad_token_id(tokenizer))  # right padding: prompt lengths count columns
     device = getattr(model, "device", "cpu")
-    prompt_mode = _augment_mode(model, forward_kwargs.get("augment_mode")) == "prompt" and \
+    prompt_mode = _augment_mode(model, forward_kwargs.get("augment_mode")) in ("prompt", "stepwise") and \
         "augment_length" not in forward_kwargs
     scores: list[tuple[float, int] | None] = [None] * len(dataset.examples)
     for start in range(0, len(dataset), batch_size):

@@ -231,6 +231,8 @@ class CALMForCausalLM(PreTrainedModel, GenerationMixin):
 
         `augment_mode="prompt"` makes the augments read only the prompt: its first `augment_length` positions
         (an int, or a LongTensor of per-example lengths counted in columns), the whole input when not given.
+        `augment_mode="stepwise"` reads the whole text, but a cross-tokenizer augment reads what follows the
+        prompt (`augment_length`) one anchor token at a time, without the lag of whole words (`calm.alignment`).
         With a `cache`, only the new tokens are passed, as in any transformers model. `augment_states`
         (from `compute_augment_states` on the same input) skips the augments' forward passes. `augment_inputs`
         (from `align`, as the training collator builds them) gives each cross-tokenizer augment its own token ids
@@ -302,7 +304,7 @@ class CALMForCausalLM(PreTrainedModel, GenerationMixin):
                 if mode == "prompt" and past > 0:  # decoding: the prompt's keys/values are all there is
                     pairs = [(layer.keys, layer.values) for layer in cache.projected[k]]
                 else:
-                    augment_cache = cache.augments[k] if cache is not None and mode == "iterative" else None
+                    augment_cache = cache.augments[k] if cache is not None and mode != "prompt" else None
                     states = self._given_states(k, augment_states[k], shared_ids.shape[1], length) \
                         if augment_states is not None else self._run_augment(
                             k, shared_ids, shared_mask, shared_positions, augment_cache)
@@ -344,18 +346,19 @@ class CALMForCausalLM(PreTrainedModel, GenerationMixin):
         those the new anchor tokens make final, and anchor column t sees the ones final by column t."""
         batch, length = input_ids.shape
         prompt_lengths = None
-        if mode == "prompt":
+        if mode != "iterative":
             whole = past + length if augment_length is None else augment_length
             prompt_lengths = whole.tolist() if torch.is_tensor(whole) else [int(whole)] * batch
+        stepwise = mode == "stepwise"
         if cache is not None:
             alignment = cache.alignments[k]
             new = None if mode == "prompt" and past > 0 else alignment.feed(
-                input_ids, attention_mask, position_ids, past, prompt_lengths)
+                input_ids, attention_mask, position_ids, past, prompt_lengths, stepwise)
             real, visible_from = alignment.attention_mask, alignment.visible_from
         else:
             new = inputs if inputs is not None else self.aligners[k].align(
                 input_ids, attention_mask, position_ids, None if prompt_lengths is None
-                else torch.tensor(prompt_lengths))
+                else torch.tensor(prompt_lengths), stepwise)
             real, visible_from = new["attention_mask"], new["visible_from"]
         if new is not None and new["input_ids"].shape[1] > 0:
             if states is not None and any(h.shape[1] != new["input_ids"].shape[1] for h in states.values()):
@@ -376,14 +379,20 @@ class CALMForCausalLM(PreTrainedModel, GenerationMixin):
         return pairs, mask
 
     def align(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-              augment_length: int | torch.Tensor | None = None) -> list[dict[str, torch.Tensor] | None]:
+              augment_length: int | torch.Tensor | None = None, augment_mode: str | None = None,
+              ) -> list[dict[str, torch.Tensor] | None]:
         """Per augment, its token ids and alignment for this anchor batch (None for an augment that shares the
         anchor's tokenizer): what a training collator passes as `augment_inputs`. `augment_length` ends each
-        row's text for "prompt" mode, as in `forward`."""
+        row's prompt, as in `forward`: the text ends there ("prompt" mode, and "iterative" when given) or goes
+        on one anchor token per chunk ("stepwise"; the config's mode when `augment_mode` is not given)."""
+        stepwise = self._augment_mode(augment_mode) == "stepwise"
         lengths = augment_length
+        if lengths is None and stepwise:
+            lengths = input_ids.shape[1]
         if lengths is not None and not torch.is_tensor(lengths):
             lengths = torch.full((input_ids.shape[0],), int(lengths))
-        return [None if aligner is None else aligner.align(input_ids, attention_mask, prompt_lengths=lengths)
+        return [None if aligner is None else aligner.align(input_ids, attention_mask, prompt_lengths=lengths,
+                                                           stepwise=stepwise)
                 for aligner in self.aligners]
 
     def compute_augment_states(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None,
@@ -490,12 +499,13 @@ class CALMForCausalLM(PreTrainedModel, GenerationMixin):
 
     @torch.no_grad()
     def generate(self, inputs: torch.Tensor | None = None, augment_mode: str | None = None, **kwargs: Any):
-        """`transformers` generation; `augment_mode` overrides the config's ("iterative" or "prompt")."""
+        """`transformers` generation; `augment_mode` overrides the config's ("iterative", "prompt" or
+        "stepwise")."""
         mode = self._augment_mode(augment_mode)
-        if mode == "prompt":
+        if mode != "iterative":
             prompt = inputs if inputs is not None else kwargs.get("input_ids")
             if prompt is None:
-                raise ValueError("augment_mode='prompt' needs the prompt as input_ids")
+                raise ValueError(f"augment_mode={mode!r} needs the prompt as input_ids")
             kwargs["augment_length"] = prompt.shape[1]
         return super().generate(inputs, augment_mode=mode, **kwargs)
 
@@ -621,6 +631,8 @@ def compose(
     read, `value_norm` what the values read (f_proj's output, through the keys' norm). `init="identity"` zeroes
     each output projection, so the composition starts as exactly the anchor; "random" keeps PyTorch's default
     init. `**calm.PAPER_LAYER` gives the paper's plain layer (no rotary positions, no norms, random init).
+    `augment_mode` is what the augments read: "iterative" (the paper's: every token), "prompt" (the prompt only) or
+    "stepwise" (every token; a different-tokenizer augment reads the completion one anchor token at a time).
     `composition_dtype` is the dtype of the composition layers' weights, whatever the bases' (float32 by default;
     "auto": the anchor's, e.g. bfloat16 for fused attention kernels on GPUs).
 

@@ -73,6 +73,9 @@ class TranslationSpec:
     # How f_proj reads m_A's states (calm.compose's augment_norm): through m_A's own next-block input norm, which
     # damps Gemma-3's few massive dimensions (a plain RMS norm keeps them, and every key looks alike).
     augment_norm: bool | str = "block"
+    # What m_A reads in the CALM rows (calm.compose's augment_mode): "iterative" (the paper's), or "stepwise", which
+    # reads the completion one anchor token at a time, without the cross-tokenizer lag of whole words.
+    augment_mode: str = "iterative"
     steps: int = 150
     batch_size: int = 8
     lr: float = 3e-3  # composition layers (chosen on validation over 1e-3 and 1e-2)
@@ -182,9 +185,10 @@ def load_bases(spec: TranslationSpec, device: str = "cpu") -> Bases:
 
 
 def compose(bases: Bases, spec: TranslationSpec, augment: PreTrainedModel | None = None,
-            mode: str = "iterative") -> calm.CALMForCausalLM:
+            mode: str | None = None) -> calm.CALMForCausalLM:
     return calm.compose(bases.anchor, augment or bases.augment, connections=spec.connections,
-                        num_heads=spec.num_heads or None, augment_mode=mode, augment_norm=spec.augment_norm,
+                        num_heads=spec.num_heads or None, augment_mode=mode or spec.augment_mode,
+                        augment_norm=spec.augment_norm,
                         tokenizer=bases.tokenizer,
                         augment_tokenizer=bases.augment_tokenizer)
 

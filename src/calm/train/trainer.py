@@ -74,13 +74,14 @@ class CompositionTrainer(Trainer):
     def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: torch.Tensor | int | None = None):
         """Take out the collator's bookkeeping, then add what a composition needs: the prompt lengths (the
-        augments read only the prompt in "prompt" mode) and cached augment states."""
+        augments read only the prompt in "prompt" mode, and the completion token by token in "stepwise") and
+        cached augment states."""
         inputs = dict(inputs)
         indices = inputs.pop("example_index", None)
         augment_length = inputs.pop("augment_length", None)
         calm = self.calm_model
         if calm is not None:
-            if calm.config.augment_mode == "prompt" and augment_length is not None:
+            if calm.config.augment_mode != "iterative" and augment_length is not None:
                 inputs["augment_length"] = augment_length
             if self.augment_cache is not None and model.training and indices is not None:
                 inputs["augment_states"] = self._augment_states(calm, inputs, indices.tolist())
