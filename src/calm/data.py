@@ -299,7 +299,9 @@ def _encode(tokenizer: PreTrainedTokenizerBase, texts: list[str], special: bool)
     return tokenizer(texts, add_special_tokens=special)["input_ids"]
 
 
-Encoded = tuple[list[int], list[int], int]  # input_ids, labels, augment_length (what "prompt" mode's augments read)
+# input_ids, labels, augment_length: the prompt's length (what "prompt" mode's augments read; where "stepwise" mode
+# starts reading one anchor token at a time)
+Encoded = tuple[list[int], list[int], int]
 
 
 def _encode_pairs(tokenizer: PreTrainedTokenizerBase, examples: ExampleSet, loss_on: str,
