@@ -19,7 +19,7 @@ from typing import Any
 
 from transformers import set_seed
 
-from .config import COMPOSITION_DTYPES, DEPRECATED_INITS, INITS, OPTIONS, PRESETS
+from .config import AUGMENT_MODES, COMPOSITION_DTYPES, DEPRECATED_INITS, INITS, OPTIONS, PRESETS
 from .data import ExampleSet, load_examples, load_prompts
 from .eval import MATCH_MODES
 from .extras import require
@@ -109,7 +109,7 @@ def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
                        help="identity (the default): zero output projections, so the composition starts as exactly "
                             "the anchor; random: PyTorch's default init of every projection (paper: a deprecated "
                             "name of random)")
-    group.add_argument("--augment-mode", default="iterative", choices=["iterative", "prompt", "stepwise"],
+    group.add_argument("--augment-mode", default="iterative", choices=AUGMENT_MODES,
                        help="augments read every token (iterative, the paper's default), only the prompt, or "
                             "(stepwise) every token with a different-tokenizer augment reading the completion one "
                             "anchor token at a time")
@@ -752,7 +752,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--composition", required=True, help="directory written by save_pretrained / calm train")
         add_base_arguments(sub, required=False)
         add_device_arguments(sub)
-        sub.add_argument("--augment-mode", default=None, choices=["iterative", "prompt", "stepwise"])
+        sub.add_argument("--augment-mode", default=None, choices=AUGMENT_MODES)
         sub.add_argument("--max-new-tokens", type=_positive_int, default=64)
         if name == "generate":
             which = sub.add_mutually_exclusive_group()
@@ -786,7 +786,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--port", type=_bounded(int, 1, 65535), default=8000)
     sub.add_argument("--model-name", default=None, help="the model id clients send (default: the directory's name)")
     add_device_arguments(sub)
-    sub.add_argument("--augment-mode", default=None, choices=["iterative", "prompt", "stepwise"])
+    sub.add_argument("--augment-mode", default=None, choices=AUGMENT_MODES)
     sub.add_argument("--chat-template", default=None, help="Jinja chat template file (default: the tokenizer's)")
     sub.add_argument("--max-batch-size", type=_positive_int, default=32, help="most sequences decoded together")
     sub.add_argument("--batch-window-ms", type=_bounded(float, 0.0), default=10.0,
