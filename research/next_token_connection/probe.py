@@ -23,6 +23,7 @@ untrained loss a little (3.82 -> 3.71) but trains worse; learned from zero the c
 """
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -100,7 +101,7 @@ def build(bases, spec, data, scale: float):
 
 
 def main() -> None:
-    torch.set_num_threads(int(__import__("os").environ.get("THREADS", "1")))
+    torch.set_num_threads(int(os.environ.get("THREADS", "1")))
     what = sys.argv[1]
     steps = int(sys.argv[4]) if what == "train" and len(sys.argv) > 4 else 150
     spec = exp.TranslationSpec(eval_split="validation", connections=CONNECTIONS, augment_mode="stepwise",
